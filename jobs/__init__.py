@@ -1,0 +1,1 @@
+"""The job contract shared by producers and the worker: no mlx, no Redis client code."""

@@ -1,0 +1,109 @@
+"""KDConfig: the frozen, validated settings of one distillation job.
+
+Defaults follow the design (T=2.0, alpha=0.7, Adam lr 1e-4, 200 iterations). `resolve_config`
+is the one place where defaults, the worker's defaults and a job's overrides meet; the result
+is saved next to the adapter it produced.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from jobs.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class KDConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Loss (layer 4)
+    temperature: Annotated[float, Field(ge=0.5, le=10.0)] = 2.0
+    alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.7
+    top_k: Annotated[int, Field(ge=1, le=65536)] | Literal["full"] = 64
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    jsd_beta: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+
+    # LoRA (mlx-lm's names: rank, scale, dropout, num_layers, keys)
+    lora_rank: Annotated[int, Field(ge=1, le=512)] = 8
+    lora_scale: Annotated[float, Field(gt=0.0, le=1000.0)] = 20.0
+    lora_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    lora_layers: Annotated[int, Field(ge=-1)] = 16
+    lora_keys: tuple[str, ...] | None = None
+
+    # Training (layer 5)
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-4
+    batch_size: Annotated[int, Field(ge=1, le=1024)] = 4
+    iterations: Annotated[int, Field(ge=1, le=1_000_000)] = 200
+    max_seq_length: Annotated[int, Field(ge=16, le=131072)] = 512
+    val_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
+    val_every: PositiveInt = 50
+    val_batches: Annotated[int, Field(ge=-1)] = -1
+    save_every: PositiveInt = 100
+    grad_checkpoint: bool = False
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+
+    # Teacher generation (layer 3); top_p is applied on a top-k pre-selection, never a full sort.
+    gen_max_tokens: Annotated[int, Field(ge=1, le=32768)] = 128
+    gen_temperature: Annotated[float, Field(ge=0.0, le=5.0)] = 0.7
+    gen_top_k: Annotated[int, Field(ge=0, le=65536)] = 40
+    gen_top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    gen_batch_size: Annotated[int, Field(ge=1, le=256)] = 8
+
+    # Cross-tokenizer distillation (teacher and student tokenizers differ)
+    xtok_unaligned: Literal["ce", "uld"] = "uld"
+    xtok_min_coverage: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+
+    @model_validator(mode="after")
+    def _check(self) -> "KDConfig":
+        if self.lora_layers == 0:
+            raise ValueError("lora_layers must be -1 (all) or a positive number of layers")
+        return self
+
+    def lora_parameters(self) -> dict[str, Any]:
+        """mlx-lm's `lora_parameters` block (adapter_config.json)."""
+        params: dict[str, Any] = {"rank": self.lora_rank, "scale": self.lora_scale, "dropout": self.lora_dropout}
+        if self.lora_keys is not None:
+            params["keys"] = list(self.lora_keys)
+        return params
+
+
+FIELDS = tuple(KDConfig.model_fields)
+
+
+def resolve_config(*layers: dict[str, Any]) -> KDConfig:
+    """Merge override dicts (later wins) onto the defaults; unknown or bad keys are ConfigErrors."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if key not in KDConfig.model_fields:
+                hint = difflib.get_close_matches(key, FIELDS, n=1)
+                tip = f" (did you mean {hint[0]!r}?)" if hint else f"; known settings: {', '.join(FIELDS)}"
+                raise ConfigError(f"unknown KD setting {key!r}{tip}")
+            merged[key] = value
+    try:
+        return KDConfig(**merged)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}={err.get('input')!r}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"invalid KD settings: {problems}") from e
+
+
+def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`key=value` strings (CLI --set) to a dict; values are JSON where they parse, else strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out

@@ -1,0 +1,58 @@
+"""The one error hierarchy of kd-daemon.
+
+Every error a submitter can see is a `KDError`; its message says what failed, the value, and
+what to do. `retryable` tells the worker whether rq may run the job again (a malformed file
+will be just as malformed next time; an interrupted run is worth resuming).
+"""
+
+from __future__ import annotations
+
+
+class KDError(Exception):
+    """Base of every kd-daemon error."""
+
+    retryable = False
+
+
+class ConfigError(KDError):
+    """A KD setting, a worker setting or a job field is unknown or out of range."""
+
+
+class DataError(KDError):
+    """Training data is malformed, empty, too large, or does not match its checksum."""
+
+
+class ModelError(KDError):
+    """A model directory is missing, unreadable or inconsistent."""
+
+
+class VocabularyMismatch(ModelError):
+    """Teacher and student tokenizers cannot be paired the requested way."""
+
+
+class TrainingDiverged(KDError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class PublishError(KDError):
+    """Writing a new adapter version failed; the previous version stays current."""
+
+
+class SecurityError(KDError):
+    """A payload tried to reach outside what the worker allows (paths, functions)."""
+
+
+class JobCanceled(KDError):
+    """The job was canceled on request."""
+
+
+class JobInterrupted(KDError):
+    """The worker is shutting down; the job checkpointed and will resume."""
+
+    retryable = True
+
+
+class QueueUnavailable(KDError):
+    """Redis could not be reached."""
+
+    retryable = True

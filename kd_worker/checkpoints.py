@@ -1,0 +1,55 @@
+"""Training checkpoints of one run, under the worker's work directory (never in adapters_kd/,
+which only the publisher writes). One directory per step: state.safetensors (adapter weights +
+Adam state) and state.json (step, metrics history), written to a temp dir and renamed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+
+class DirCheckpointStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _dir(self, step: int) -> Path:
+        return self.root / f"step_{step:07d}"
+
+    def steps(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        return sorted(int(p.name[5:]) for p in self.root.glob("step_*") if (p / "state.json").is_file())
+
+    def save(self, step: int, arrays: dict[str, mx.array], state: dict[str, Any]) -> None:
+        final = self._dir(step)
+        stage = self.root / f".step_{step:07d}.{os.getpid()}.tmp"
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        mx.save_safetensors(str(stage / "state.safetensors"), arrays)
+        (stage / "state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        stage.rename(final)
+
+    def load(self, step: int) -> tuple[dict[str, mx.array], dict[str, Any]]:
+        d = self._dir(step)
+        return mx.load(str(d / "state.safetensors")), json.loads((d / "state.json").read_text())
+
+    def latest(self) -> tuple[int, dict[str, mx.array], dict[str, Any]] | None:
+        steps = self.steps()
+        if not steps:
+            return None
+        arrays, state = self.load(steps[-1])
+        return steps[-1], arrays, state
+
+    def adapter(self, step: int) -> dict[str, mx.array]:
+        """The adapter weights alone (mlx-lm names) of a saved step."""
+        arrays, _ = self.load(step)
+        return {k[8:]: v for k, v in arrays.items() if k.startswith("adapter.")}
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)

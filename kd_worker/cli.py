@@ -1,0 +1,164 @@
+"""`kd-worker`: the worker's command line. Sets up settings, logging and a fast BLAS *before*
+anything imports mlx, then dispatches to a command."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from jobs.errors import KDError
+from kd_worker.blas import ensure_fast_blas
+from kd_worker.logs import configure_logging
+from kd_worker.settings import WorkerSettings, load_settings, require_model_dir
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK, EXIT_ERROR, EXIT_REJECTED, EXIT_CONFIG = 0, 1, 3, 78  # 78 = EX_CONFIG: do not restart
+
+
+def default_models_dir(settings: WorkerSettings) -> Path:
+    return settings.work_dir / "models"
+
+
+def cmd_doctor(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kd_worker.doctor import run_checks
+
+    checks = run_checks(settings, blas)
+    if args.json:
+        print(json.dumps([c.__dict__ for c in checks], indent=2))
+    else:
+        table = Table(title="kd-worker doctor")
+        for col in ("check", "status", "detail"):
+            table.add_column(col)
+        colour = {"ok": "green", "warn": "yellow", "fail": "red"}
+        for c in checks:
+            table.add_row(c.name, f"[{colour[c.status]}]{c.status}[/]", c.detail)
+        Console().print(table)
+    failed = [c for c in checks if c.status == "fail" or (args.strict and c.status == "warn")]
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+def cmd_make_models(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
+    from kd_worker.tinymodels import ALL_NAMES, build_demo_models
+
+    out = Path(args.dir) if args.dir else default_models_dir(settings)
+    paths = build_demo_models(out, tuple(args.only) if args.only else ALL_NAMES)
+    for name, path in paths.items():
+        print(f"{name:14s} {path}")
+    return EXIT_OK
+
+
+def _file_sha(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise KDError(f"cannot read {path}: {e.strerror}") from e
+
+
+def cmd_distill(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
+    from jobs.config import parse_overrides, resolve_config
+    from kd_worker.distill import DistillRequest, run_distillation
+    from kd_worker.progress import ConsoleProgress
+    from kd_worker.runtime import Runtime
+
+    if args.out:
+        settings = settings.model_copy(update={"adapters_dir": Path(args.out)})
+    overrides = parse_overrides(args.set or [])
+    resolve_config(settings.kd_defaults, overrides)  # fail fast on a bad --set, before any model loads
+    data = [("prompts", Path(p)) for p in args.prompts or []] + [("corrections", Path(p)) for p in args.corrections or []]
+    if not data:
+        raise KDError("give --prompts FILE and/or --corrections FILE")
+    teacher = require_model_dir(Path(args.teacher) if args.teacher else settings.teacher, "--teacher / KD_TEACHER")
+    student = require_model_dir(Path(args.student) if args.student else settings.student, "--student / KD_STUDENT")
+    ident = json.dumps([args.domain, [(k, _file_sha(p)) for k, p in data], overrides, str(teacher.resolve()),
+                        str(student.resolve())], sort_keys=True)
+    run_id = "cli-" + hashlib.sha256(ident.encode()).hexdigest()[:20]
+    req = DistillRequest(args.domain, tuple(data), teacher, student, run_id, overrides, args.force)
+    with ConsoleProgress(enabled=not args.json) as progress:
+        outcome = run_distillation(req, Runtime(settings), settings, progress, lambda: None)
+    print_outcome(outcome, args.json)
+    return EXIT_OK if outcome["published"] else EXIT_REJECTED
+
+
+def print_outcome(outcome: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(outcome, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"kd: {outcome['domain']}")
+    table.add_column("held-out")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for key in ("kl", "kd", "ce", "total", "top1"):
+        if key in outcome.get("after", {}):
+            table.add_row(key, f"{outcome['before'].get(key, float('nan')):.4f}", f"{outcome['after'][key]:.4f}")
+    console = Console()
+    console.print(table)
+    gate = outcome["gate"]
+    if outcome["published"]:
+        console.print(f"published {outcome['domain']} v{outcome['version']}: {outcome['adapter_path']} ({gate['reason']})")
+    else:
+        console.print(f"[yellow]not published[/]: {gate['reason']} (candidate KL {gate.get('candidate_kl'):.4f} > "
+                      f"published {gate.get('published_kl'):.4f}); rerun with --force to publish anyway")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kd-worker", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("doctor", help="check platform, MLX, BLAS speed, Redis, model dirs, adapters dir")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.add_argument("--strict", action="store_true", help="treat warnings (Redis down, models unset) as failures")
+    d.set_defaults(func=cmd_doctor)
+
+    m = sub.add_parser("make-demo-models", help="build the tiny real demo models (teacher, students, quantized)")
+    m.add_argument("dir", nargs="?", help="output directory (default: $KD_WORK_DIR/models)")
+    m.add_argument("--only", nargs="+", help="build only these fixtures")
+    m.set_defaults(func=cmd_make_models)
+
+    x = sub.add_parser("distill", help="run one distillation job in-process (no Redis) and publish the adapter")
+    x.add_argument("--domain", required=True, help="neuron name, e.g. memory")
+    x.add_argument("--prompts", action="append", metavar="FILE", help='JSONL of {"prompt": ...} or {"messages": [...]}')
+    x.add_argument("--corrections", action="append", metavar="FILE", help='JSONL of {"prompt": ..., "response": ...}')
+    x.add_argument("--teacher", help="teacher model dir (default KD_TEACHER)")
+    x.add_argument("--student", help="student base model dir (default KD_STUDENT)")
+    x.add_argument("--set", action="append", metavar="KEY=VALUE", help="KD setting override, e.g. temperature=2.0")
+    x.add_argument("--out", help="adapters root (default KD_ADAPTERS_DIR); the domain's directory goes below it")
+    x.add_argument("--force", action="store_true", help="publish even if the publish gate finds a regression")
+    x.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    x.set_defaults(func=cmd_distill)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.umask(0o022)  # nothing the worker writes is group/world-writable
+    try:
+        settings = load_settings()
+    except KDError as e:
+        print(f"kd-worker: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_format, settings.log_level)
+    blas = ensure_fast_blas(settings.blas_library, settings.openblas_coretype)
+    try:
+        return args.func(args, settings, blas)
+    except KDError as e:
+        log.error("command_failed", command=args.command, error=str(e), error_type=type(e).__name__)
+        print(f"kd-worker {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

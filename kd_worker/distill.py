@@ -1,0 +1,289 @@
+"""One distillation job, end to end: the function `kd-worker distill` and the queue worker share.
+
+    load -> render prompts -> teacher generates (cached) -> teacher scores (cached)
+         -> student sequences -> LoRA training (checkpointed) -> publish gate -> publish
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import mlx.core as mx
+import numpy as np
+import structlog
+
+from jobs import publisher
+from jobs.config import KDConfig, resolve_config
+from jobs.errors import DataError, JobCanceled, JobInterrupted, ModelError
+from kd_worker import teacher as T
+from kd_worker.checkpoints import DirCheckpointStore
+from kd_worker.data import Example, Sequence_, SoftTargets, load_examples, render_prompt, split_examples
+from kd_worker.models import LoadedModel
+from kd_worker.runtime import Runtime
+from kd_worker.settings import WorkerSettings
+from kd_worker.targets import TargetCache, cache_key
+from kd_worker.trainer import Progress, ProgressFn, StopFn, attach_lora, evaluate, lora_layer_count, train
+from kd_worker.vocab import VocabPlan, plan_vocabulary
+
+log = structlog.get_logger(__name__)
+
+SCORE_TOKENS_PER_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class DistillRequest:
+    domain: str
+    data: tuple[tuple[Literal["prompts", "corrections"], Path], ...]
+    teacher: Path
+    student: Path
+    run_id: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    force_publish: bool = False
+    job_id: str | None = None
+
+
+@dataclass
+class Scored:
+    example: Example
+    prompt_ids: list[int]  # teacher tokens
+    response_ids: list[int]  # teacher tokens (EOS included when the teacher stopped)
+    targets: SoftTargets
+
+
+def _check(reason: str | None) -> None:
+    if reason == "shutdown":
+        raise JobInterrupted("interrupted for shutdown during the teacher phase; finished work is cached")
+    if reason == "cancel":
+        raise JobCanceled("canceled during the teacher phase")
+
+
+def _teacher_prompts(lm: LoadedModel, examples: Sequence[Example], cfg: KDConfig) -> list[list[int]]:
+    out = []
+    for ex in examples:
+        ids = render_prompt(lm.tokenizer, ex.prompt)
+        if len(ids) >= cfg.max_seq_length - 1:
+            raise DataError(
+                f"{ex.source}: the prompt is {len(ids)} tokens, longer than max_seq_length={cfg.max_seq_length}; "
+                "shorten it or raise the limit (--set max_seq_length=...)"
+            )
+        out.append(ids)
+    return out
+
+
+def _eos_id(lm: LoadedModel) -> int:
+    eos = lm.hf_tokenizer.eos_token_id
+    return int(eos if eos is not None else min(lm.tokenizer.eos_token_ids))
+
+
+def teacher_responses(
+    lm: LoadedModel, examples: Sequence[Example], prompts: Sequence[list[int]], cfg: KDConfig,
+    cache: TargetCache, progress: ProgressFn, should_stop: StopFn,
+) -> list[list[int]]:
+    """Given responses are tokenized; missing ones are generated in batches and cached one by one."""
+    gen = dict(max_tokens=cfg.gen_max_tokens, temp=cfg.gen_temperature, top_k=cfg.gen_top_k, top_p=cfg.gen_top_p, seed=cfg.seed)
+    responses: list[list[int] | None] = []
+    todo: list[int] = []
+    for i, (ex, p) in enumerate(zip(examples, prompts)):
+        if ex.response is not None:
+            ids = list(lm.hf_tokenizer.encode(ex.response, add_special_tokens=False)) + [_eos_id(lm)]
+            responses.append(ids[: cfg.max_seq_length - len(p)])
+            continue
+        hit = cache.get_response(cache_key(teacher=lm.identity, prompt=p, gen=gen))
+        if hit is not None and (not hit or max(hit) >= lm.n_tokens):
+            hit = None  # never trust an entry that could gather out of bounds (MLX does not check)
+        responses.append(hit)
+        if hit is None:
+            todo.append(i)
+    sampler = T.make_sampler(cfg.gen_temperature, cfg.gen_top_k, cfg.gen_top_p, lm.n_tokens)
+    for start in range(0, len(todo), cfg.gen_batch_size):
+        _check(should_stop())
+        batch = todo[start : start + cfg.gen_batch_size]
+        mx.random.seed(int(examples[batch[0]].key[:8], 16) ^ cfg.seed)
+        budgets = [min(cfg.gen_max_tokens, cfg.max_seq_length - len(prompts[i])) for i in batch]
+        for i, ids in zip(batch, T.generate(lm, [prompts[i] for i in batch], budgets, sampler, cfg.gen_batch_size)):
+            cache.put_response(cache_key(teacher=lm.identity, prompt=prompts[i], gen=gen), ids)
+            responses[i] = ids
+        progress(Progress("generate", min(start + len(batch), len(todo)), len(todo)))
+    return [r if r else [_eos_id(lm)] for r in responses]
+
+
+def teacher_targets(
+    lm: LoadedModel, prompts: Sequence[list[int]], responses: Sequence[list[int]], cfg: KDConfig, plan: VocabPlan,
+    cache: TargetCache, progress: ProgressFn, should_stop: StopFn,
+) -> list[SoftTargets]:
+    """Sparse soft targets per example; misses are scored in token-budgeted batches and cached."""
+    top_k = None if cfg.top_k == "full" else cfg.top_k
+    keys = [
+        cache_key(teacher=lm.identity, prompt=p, response=r, n_vocab=plan.n_vocab, top_k=top_k, T=cfg.temperature)
+        for p, r in zip(prompts, responses)
+    ]
+    out: list[SoftTargets | None] = [cache.get_targets(k) for k in keys]
+    todo = [i for i, t in enumerate(out) if t is None]
+    done, batch, tokens = 0, [], 0
+    for pos, i in enumerate(todo):
+        batch.append(i)
+        tokens += len(prompts[i]) + len(responses[i])
+        if tokens < SCORE_TOKENS_PER_BATCH and pos < len(todo) - 1:
+            continue
+        _check(should_stop())
+        for j, t in zip(batch, T.score(lm, [(prompts[j], responses[j]) for j in batch], plan.n_vocab, top_k, cfg.temperature)):
+            cache.put_targets(keys[j], t)
+            out[j] = t
+        done += len(batch)
+        batch, tokens = [], 0
+        progress(Progress("score", done, len(todo)))
+    return out  # type: ignore[return-value]
+
+
+def student_sequences(student: LoadedModel, scored: Sequence[Scored], cfg: KDConfig, plan: VocabPlan) -> list[Sequence_]:
+    """Same vocabulary: the student's own chat template around the teacher's response ids."""
+    if plan.mode == "cross":
+        from kd_worker import xtok
+
+        return xtok.student_sequences(student, scored, cfg, plan)
+    seqs = []
+    for s in scored:
+        prompt = render_prompt(student.tokenizer, s.example.prompt)
+        n = min(len(s.response_ids), cfg.max_seq_length - len(prompt))
+        if n < 1:
+            raise DataError(f"{s.example.source}: no room for a response within max_seq_length={cfg.max_seq_length}")
+        tokens = np.asarray(prompt + s.response_ids[:n], np.int32)
+        t = SoftTargets(*(getattr(s.targets, f)[:n] for f in ("ids", "logp", "tail", "lse_t", "kd_mask")))
+        if tokens.max() >= plan.n_vocab or t.ids.max() >= plan.n_vocab:
+            raise ModelError(f"{s.example.source}: a token id is outside the shared vocabulary of {plan.n_vocab}")
+        seqs.append(Sequence_(tokens, len(prompt), t))
+    return seqs
+
+
+def publish_gate(student: LoadedModel, val: Sequence[Sequence_], cfg: KDConfig, n_vocab: int, settings: WorkerSettings,
+                 domain: str, candidate: dict[str, float], identity: dict[str, Any]) -> dict[str, Any]:
+    """Compare the candidate with the published adapter of the domain on this job's held-out data."""
+    current = publisher.resolve(settings.adapters_dir, domain)
+    if current is None:
+        return {"decision": "publish", "reason": "first version of the domain"}
+    if not val:
+        return {"decision": "publish", "reason": "no held-out data to compare on"}
+    try:
+        manifest = publisher.verify(current.path)
+        pub_cfg = manifest["summary"].get("adapter", {})
+    except (publisher.PublishError, KeyError) as e:
+        return {"decision": "publish", "reason": f"current version unreadable: {e}"}
+    if pub_cfg != identity["adapter"]:
+        return {"decision": "publish", "reason": "published adapter has another student or LoRA shape"}
+    from kd_worker.trainer import adapter_weights
+
+    mine = {k: mx.array(v) for k, v in adapter_weights(student.model).items()}
+    student.model.load_weights(list(mx.load(str(current.path / "adapters.safetensors")).items()), strict=False)
+    baseline = evaluate(student, val, cfg, n_vocab)
+    student.model.load_weights(list(mine.items()), strict=False)
+    regress = candidate["kl"] > baseline["kl"] * (1 + settings.gate_tolerance) + 1e-9
+    return {
+        "decision": "reject" if regress else "publish",
+        "reason": "higher held-out KL than the published version" if regress else "not worse than the published version",
+        "candidate_kl": candidate["kl"], "published_kl": baseline["kl"], "published_version": current.number,
+    }
+
+
+def write_version(stage: Path, student: LoadedModel, cfg: KDConfig, store: DirCheckpointStore,
+                  config_doc: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Files of one version, mlx-lm's adapter layout (+ KD config, metrics, checkpoints)."""
+    from kd_worker.trainer import adapter_weights
+
+    mx.save_safetensors(str(stage / "adapters.safetensors"), adapter_weights(student.model), metadata={"format": "mlx"})
+    publisher.write_json_atomic(stage / "adapter_config.json", config_doc)
+    publisher.write_json_atomic(stage / "kd_metrics.json", metrics)
+    for step in store.steps():
+        d = stage / f"checkpoint_{step}"
+        d.mkdir()
+        mx.save_safetensors(str(d / "adapters.safetensors"), store.adapter(step), metadata={"format": "mlx"})
+        publisher.write_json_atomic(d / "adapter_config.json", {**config_doc, "checkpoint_step": step})
+
+
+def run_distillation(
+    req: DistillRequest, runtime: Runtime, settings: WorkerSettings, progress: ProgressFn, should_stop: StopFn
+) -> dict[str, Any]:
+    """The whole job; returns a JSON-ready outcome (published version, metrics, timings)."""
+    t_start = time.perf_counter()
+    cfg = resolve_config(settings.kd_defaults, req.overrides)
+    examples = load_examples(req.data, settings.max_examples)
+    train_ex, val_ex = split_examples(examples, cfg.val_fraction, cfg.seed)
+    teacher = runtime.teacher(req.teacher)
+    cache = TargetCache(settings.work_dir / "cache")
+    mx.reset_peak_memory()
+    with runtime.student(req.student) as student:
+        plan = plan_vocabulary(teacher, student, allow_cross=False)
+        ordered = train_ex + val_ex
+        prompts = _teacher_prompts(teacher, ordered, cfg)
+        t0 = time.perf_counter()
+        responses = teacher_responses(teacher, ordered, prompts, cfg, cache, progress, should_stop)
+        targets = teacher_targets(teacher, prompts, responses, cfg, plan, cache, progress, should_stop)
+        teacher_s = time.perf_counter() - t0
+        scored = [Scored(e, p, r, t) for e, p, r, t in zip(ordered, prompts, responses, targets)]
+        seqs = student_sequences(student, scored, cfg, plan)
+        train_seqs, val_seqs = seqs[: len(train_ex)], seqs[len(train_ex) :]
+        attach_lora(student.model, cfg)
+        store = DirCheckpointStore(settings.work_dir / "runs" / req.run_id / "checkpoints")
+        result = train(student, cfg, train_seqs, val_seqs, plan.n_vocab, store, progress, should_stop)
+        identity = _identity(teacher, student, cfg, plan)
+        after = result.history["val"][-1] if result.history["val"] else {}
+        gate = _gate(student, val_seqs, cfg, plan, settings, req, after, identity, progress)
+        metrics = _metrics(result, gate, examples, train_seqs, val_seqs, targets, cache, teacher_s, plan, seqs)
+        outcome = {"domain": req.domain, "run_id": req.run_id, "gate": gate, "before": metrics["before"], "after": after}
+        if gate["decision"] == "reject" and not req.force_publish:
+            publisher.record_rejection(settings.adapters_dir, req.domain, {"job_id": req.job_id, **gate})
+            outcome.update(published=False, seconds=time.perf_counter() - t_start)
+            return outcome
+        entry = {"job_id": req.job_id, **identity, "metrics": {"before": metrics["before"], "after": after},
+                 "data": metrics["data"], "gate": gate, "forced": req.force_publish and gate["decision"] == "reject"}
+        config_doc = {"fine_tune_type": "lora", "num_layers": lora_layer_count(student.model, cfg),
+                      "lora_parameters": cfg.lora_parameters(), "kd": {"config": cfg.model_dump(mode="json"), **identity}}
+        progress(Progress("publish", 0, 1))
+        version = publisher.publish(settings.adapters_dir, req.domain,
+                                    lambda stage: write_version(stage, student, cfg, store, config_doc, metrics),
+                                    entry, keep=settings.keep_versions)
+    shutil.rmtree(settings.work_dir / "runs" / req.run_id, ignore_errors=True)
+    outcome.update(published=True, version=version.number, adapter_path=str(version.path),
+                   seconds=time.perf_counter() - t_start)
+    log.info("distillation_published", domain=req.domain, version=version.number, path=str(version.path))
+    return outcome
+
+
+def _identity(teacher: LoadedModel, student: LoadedModel, cfg: KDConfig, plan: VocabPlan) -> dict[str, Any]:
+    return {
+        "teacher": {"path": str(teacher.path), "identity": teacher.identity},
+        "student": {"path": str(student.path), "identity": student.identity},
+        "vocabulary": {"mode": plan.mode, "n_vocab": plan.n_vocab, "teacher_rows": plan.teacher_rows,
+                       "student_rows": plan.student_rows, "student_tokens": plan.student_tokens},
+        "adapter": {"student": student.identity, "num_layers": lora_layer_count(student.model, cfg),
+                    "lora_parameters": cfg.lora_parameters()},
+    }
+
+
+def _gate(student, val_seqs, cfg, plan, settings, req, after, identity, progress) -> dict[str, Any]:
+    progress(Progress("validate", 0, 1))
+    if not after:
+        return {"decision": "publish", "reason": "no held-out data to compare on"}
+    return publish_gate(student, val_seqs, cfg, plan.n_vocab, settings, req.domain, after, identity)
+
+
+def _metrics(result, gate, examples, train_seqs, val_seqs, targets, cache, teacher_s, plan, seqs) -> dict[str, Any]:
+    n_target_tokens = sum(len(t) for t in targets)
+    return {
+        "train": result.history["train"], "val": result.history["val"],
+        "before": result.history["val"][0] if result.history["val"] else {},
+        "after": result.history["val"][-1] if result.history["val"] else {},
+        "gate": gate,
+        "data": {"examples": len(examples), "train": len(train_seqs), "val": len(val_seqs),
+                 "response_tokens": int(sum(len(s.tokens) - s.resp_start for s in seqs))},
+        "timing": {"teacher_s": teacher_s, "train_s": result.seconds, "resumed_from": result.resumed_from,
+                   "train_tokens_per_s": result.tokens / result.seconds if result.seconds else None,
+                   "peak_memory_bytes": mx.get_peak_memory()},
+        "targets": {"tokens": n_target_tokens,
+                    "bytes_per_token": (sum(cache.bytes_per_token(t) * len(t) for t in targets) / max(n_target_tokens, 1))},
+        "vocabulary": {"mode": plan.mode, "notes": list(plan.notes)},
+    }

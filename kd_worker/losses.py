@@ -1,0 +1,140 @@
+"""KD losses over sparse teacher targets: pure functions over MLX arrays, float32.
+
+A teacher target per response position is its top-k support (ids [N, K], log-probs at T=1
+[N, K]), the log of the mass outside the support (`tail` [N], -inf when the support is the
+whole vocabulary) and `lse_t` [N] = logsumexp(log p / T) over the *full* vocabulary, which makes
+tempering exact on the support: log p_T(i) = log p(i) / T - lse_t. Divergences run over the
+support plus one tail bucket (teacher tail vs student mass outside the support): the KL of the
+coarsened distributions, a lower bound of the full KL that equals it when k = V.
+Invalid support slots (padding) carry log-prob -inf and count for neither side.
+
+Shapes: N response positions, K support size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import mlx.core as mx
+
+NEG_INF = float("-inf")
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+
+
+class Targets(NamedTuple):
+    ids: mx.array  # [N, K] int32 token ids (support), sorted by teacher probability
+    logp: mx.array  # [N, K] float32 teacher log-probs at T=1; -inf marks padding slots
+    tail: mx.array  # [N] float32 log teacher mass outside the support (T=1); -inf: none
+    lse_t: mx.array  # [N] float32 logsumexp(log p / T) over the full vocabulary (0 at T=1)
+    labels: mx.array  # [N] int32 the response tokens (hard labels)
+    kd_mask: mx.array  # [N] float32 1 where a teacher distribution applies (0: CE only)
+
+
+class LossSums(NamedTuple):
+    kd: mx.array  # sum over kd positions of the divergence at temperature T
+    ce: mx.array  # sum over positions of the CE at T=1
+    kd_n: mx.array  # number of kd positions
+    n: mx.array  # number of positions
+
+
+def log1mexp(x: mx.array) -> mx.array:
+    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012)."""
+    return mx.where(x > -0.6931472, mx.log(-mx.expm1(x)), mx.log1p(-mx.exp(x)))
+
+
+def _mask_invalid(logp: mx.array, valid: mx.array) -> mx.array:
+    return mx.where(valid, logp, NEG_INF)
+
+
+def teacher_tempered(logp: mx.array, tail: mx.array, lse_t: mx.array, temperature: float) -> tuple[mx.array, mx.array]:
+    """Teacher log-probs [N, K] and tail log-mass [N] at temperature T, exact on the support."""
+    if temperature == 1.0:
+        return logp, tail
+    lp = logp / temperature - lse_t[:, None]
+    support = mx.logsumexp(lp, axis=-1)
+    lt = log1mexp(mx.minimum(support, -1e-7))
+    return lp, mx.where(tail == NEG_INF, NEG_INF, lt)
+
+
+def student_bucketed(
+    logits: mx.array, ids: mx.array, valid: mx.array, temperature: float, lse: mx.array | None = None
+) -> tuple[mx.array, mx.array]:
+    """Student log-probs on the support [N, K] and its log-mass outside the support [N]."""
+    z = logits if temperature == 1.0 else logits / temperature
+    if lse is None:
+        lse = mx.logsumexp(z, axis=-1)
+    lq = _mask_invalid(mx.take_along_axis(z, ids, axis=-1) - lse[:, None], valid)
+    support = mx.logsumexp(lq, axis=-1)
+    return lq, log1mexp(mx.minimum(support, -1e-6))
+
+
+def _plogp_ratio(la: mx.array, lb: mx.array) -> mx.array:
+    """exp(la) * (la - lb), 0 where either side is -inf (callers mask the meaningful cases).
+    Inputs are sanitised *before* the arithmetic: `where` alone would still send inf * 0 = NaN
+    through the gradient of the branch it discards."""
+    off = (la == NEG_INF) | (lb == NEG_INF)
+    la_s, lb_s = mx.where(off, 0.0, la), mx.where(off, 0.0, lb)
+    return mx.where(off, 0.0, mx.exp(la_s) * (la_s - lb_s))
+
+
+def forward_kl(lp, tp, lq, tq) -> mx.array:
+    """KL(P || Q) per position over support + tail bucket."""
+    return _plogp_ratio(lp, lq).sum(axis=-1) + _plogp_ratio(tp, tq)
+
+
+def reverse_kl(lp, tp, lq, tq, valid) -> mx.array:
+    """KL(Q || P) per position; the tail bucket is dropped when the teacher has none (k = V)."""
+    lq_v = _mask_invalid(lq, valid)
+    body = _plogp_ratio(lq_v, lp).sum(axis=-1)
+    return body + mx.where(tp == NEG_INF, 0.0, _plogp_ratio(tq, tp))
+
+
+def generalized_jsd(lp, tp, lq, tq, valid, beta: float) -> mx.array:
+    """beta * KL(P || M) + (1 - beta) * KL(Q || M), M = beta P + (1 - beta) Q (GKD)."""
+    lb, l1b = mx.log(mx.array(beta)), mx.log(mx.array(1.0 - beta))
+    lq_v = _mask_invalid(lq, valid)
+    lm = mx.logaddexp(lb + lp, l1b + lq_v)
+    tm = mx.logaddexp(lb + tp, l1b + tq)
+    tail_on = tp != NEG_INF
+    p_part = _plogp_ratio(lp, lm).sum(axis=-1) + _plogp_ratio(tp, tm)
+    q_part = _plogp_ratio(lq_v, lm).sum(axis=-1) + mx.where(tail_on, _plogp_ratio(tq, tm), 0.0)
+    return beta * p_part + (1.0 - beta) * q_part
+
+
+def divergence(kind: Divergence, lp, tp, lq, tq, valid, beta: float = 0.5) -> mx.array:
+    if kind == "forward_kl":
+        return forward_kl(lp, tp, lq, tq)
+    if kind == "reverse_kl":
+        return reverse_kl(lp, tp, lq, tq, valid)
+    return generalized_jsd(lp, tp, lq, tq, valid, beta)
+
+
+def loss_sums(
+    logits: mx.array, t: Targets, temperature: float, kind: Divergence = "forward_kl", beta: float = 0.5
+) -> LossSums:
+    """Sums (not means) so chunks and batches add up exactly; normalise once per batch."""
+    logits = logits.astype(mx.float32)
+    valid = t.logp != NEG_INF
+    lse1 = mx.logsumexp(logits, axis=-1)  # shared by CE and, at T=1, by the KD term
+    ce = lse1 - mx.take_along_axis(logits, t.labels[:, None], axis=-1).squeeze(-1)
+    lq, tq = student_bucketed(logits, t.ids, valid, temperature, lse1 if temperature == 1.0 else None)
+    lp, tp = teacher_tempered(t.logp, t.tail, t.lse_t, temperature)
+    d = divergence(kind, lp, tp, lq, tq, valid, beta)
+    return LossSums(kd=(d * t.kd_mask).sum(), ce=ce.sum(), kd_n=t.kd_mask.sum(), n=mx.array(ce.shape[0], mx.float32))
+
+
+def combine(s: LossSums, temperature: float, alpha: float) -> mx.array:
+    """alpha * T^2 * KD + (1 - alpha) * CE, each normalised per (kd / all) response token of the batch.
+    T^2 keeps the soft-target gradients on the CE's scale as T changes (Hinton et al. 2015)."""
+    kd = s.kd / mx.maximum(s.kd_n, 1.0)
+    ce = s.ce / mx.maximum(s.n, 1.0)
+    return alpha * temperature * temperature * kd + (1.0 - alpha) * ce
+
+
+def agreement_sums(logits: mx.array, t: Targets) -> tuple[mx.array, mx.array]:
+    """(forward KL at T=1 summed over kd positions, top-1 agreements with the teacher)."""
+    valid = t.logp != NEG_INF
+    lq, tq = student_bucketed(logits.astype(mx.float32), t.ids, valid, 1.0)
+    kl = (forward_kl(t.logp, t.tail, lq, tq) * t.kd_mask).sum()
+    top1 = ((mx.argmax(logits, axis=-1) == t.ids[:, 0]) * t.kd_mask).sum()
+    return kl, top1

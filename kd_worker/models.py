@@ -1,0 +1,163 @@
+"""Loading teacher and student models: mlx-lm's own loader, typed errors, compute dtype,
+identity hashes for cache keys, and the body/head split that lets the LM head run only on
+response positions (every avoided full-vocabulary row counts on the CPU)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import structlog
+
+from jobs.errors import ModelError
+
+log = structlog.get_logger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    model: nn.Module
+    tokenizer: Any  # mlx_lm TokenizerWrapper
+    config: dict
+    identity: str  # sha256 over config, tokenizer files and weights
+    tokenizer_identity: str  # sha256 over the tokenizer files alone
+    n_tokens: int  # len(tokenizer): real vocabulary, never config.vocab_size
+    rows: int  # embedding rows (>= n_tokens; the rest is padding)
+    split: tuple[Callable, Callable] | None  # (body, head) when the architecture allows it
+
+    @property
+    def hf_tokenizer(self) -> Any:
+        return self.tokenizer._tokenizer
+
+
+def compute_dtype(setting: str) -> mx.Dtype | None:
+    """float32 on the CPU backend (bf16 matmuls are ~50x slower there); the checkpoint's on Metal."""
+    if setting != "auto":
+        return getattr(mx, setting)
+    return mx.float32 if mx.default_device() == mx.cpu else None
+
+
+def _file_sha256(path: Path, cache: dict[str, Any]) -> str:
+    st = path.stat()
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    if key not in cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        cache[key] = h.hexdigest()
+    return cache[key]
+
+
+def model_identity(path: Path, cache_file: Path | None = None) -> tuple[str, str]:
+    """(model identity, tokenizer identity): content hashes; weight hashes are cached by stat."""
+    cache: dict[str, Any] = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except ValueError:
+            cache = {}
+    tok = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (path / name).is_file():
+            tok.update(name.encode() + b"\0" + (path / name).read_bytes())
+    full = hashlib.sha256(tok.hexdigest().encode())
+    full.update((path / "config.json").read_bytes())
+    for weights in sorted(path.glob("*.safetensors")):
+        full.update(weights.name.encode() + _file_sha256(weights, cache).encode())
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    return full.hexdigest(), tok.hexdigest()
+
+
+def split_model(model: nn.Module) -> tuple[Callable, Callable] | None:
+    """(body, head) for mlx-lm models shaped like Qwen2/Llama: body -> final-norm hidden states,
+    head -> logits. Looked up at call time so LoRA wrappers added later are used. Verified
+    against the full forward; None (use the full forward) when the shape does not match."""
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "embed_tokens"):
+        return None
+    if getattr(getattr(model, "args", None), "tie_word_embeddings", False):
+        def head(h):
+            return model.model.embed_tokens.as_linear(h)
+    elif hasattr(model, "lm_head"):
+        def head(h):
+            return model.lm_head(h)
+    else:
+        return None
+
+    def body(x):
+        return model.model(x)
+
+    probe = mx.array([[1, 2, 3, 4]])
+    try:
+        ok = mx.allclose(model(probe), head(body(probe)), atol=1e-4, rtol=1e-3).item()
+    except (TypeError, ValueError, AttributeError):
+        ok = False
+    return (body, head) if ok else None
+
+
+def load_model_dir(path: Path, dtype_setting: str = "auto", identity_cache: Path | None = None) -> LoadedModel:
+    """Load an HF-layout model directory with mlx-lm; every failure is a ModelError naming the path."""
+    import mlx_lm
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"model directory {path} does not exist or is not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ModelError(f"model directory {path} is not readable (check its permissions)")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError as e:
+        raise ModelError(f"{path} has no config.json; is it a Hugging Face model directory?") from e
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}/config.json cannot be read as JSON: {e}") from e
+    if not list(path.glob("*.safetensors")):
+        raise ModelError(f"{path} has no *.safetensors weights")
+    try:
+        model, tokenizer = mlx_lm.load(str(path))
+    except Exception as e:  # third-party loaders raise many types; the job needs one clear error
+        raise ModelError(f"cannot load model {path}: {type(e).__name__}: {e}") from e
+    dtype = compute_dtype(dtype_setting)
+    if dtype is not None:
+        model.set_dtype(dtype)
+    model.eval()
+    n_tokens = len(tokenizer._tokenizer)
+    rows = int(config.get("vocab_size") or model.model.embed_tokens.weight.shape[0])
+    if n_tokens > rows:
+        raise ModelError(
+            f"{path}: the tokenizer has {n_tokens} tokens but the model's embedding has only {rows} rows; "
+            "tokenizer and weights do not belong together"
+        )
+    identity, tok_identity = model_identity(path, identity_cache)
+    log.info("model_loaded", path=str(path), model_type=config.get("model_type"), tokens=n_tokens, rows=rows)
+    return LoadedModel(path, model, tokenizer, config, identity, tok_identity, n_tokens, rows, split_model(model))
+
+
+def hidden_at(lm: LoadedModel, inputs: mx.array, positions: mx.array) -> mx.array:
+    """Final hidden states [N, D] at the flat `positions` of `inputs` [B, L]; without a body/head
+    split, the full logits [N, rows] instead (then `head_logits` only slices them)."""
+    if lm.split is not None:
+        h = lm.split[0](inputs)
+    else:
+        h = lm.model(inputs)
+    return h.reshape(-1, h.shape[-1])[positions]
+
+
+def head_logits(lm: LoadedModel, h: mx.array, n_vocab: int) -> mx.array:
+    """Float32 logits [n, n_vocab] for hidden states from `hidden_at` (padding rows sliced off)."""
+    logits = lm.split[1](h) if lm.split is not None else h
+    return logits[:, :n_vocab].astype(mx.float32)

@@ -1,0 +1,75 @@
+"""WorkerSettings: the one settings object of the worker, read from KD_* variables once in main()."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, field_validator
+
+from jobs.errors import ConfigError
+from jobs.settings import QueueSettings
+
+
+def _default_work_dir() -> Path:
+    return Path.home() / ".cache" / "kd-daemon"
+
+
+class WorkerSettings(QueueSettings):
+    """Everything the worker and `kd-worker` commands read from the environment (prefix KD_)."""
+
+    teacher: Path | None = None  # default teacher model directory (HF layout)
+    student: Path | None = None  # default student base model directory
+    models_root: Path | None = None  # jobs may name a model directory under this root
+    adapters_dir: Path = Path("adapters_kd")  # published adapters (the cortex watches this)
+    work_dir: Path = Field(default_factory=_default_work_dir)  # target cache, checkpoints, data
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    blas_library: Path | None = None  # explicit BLAS to load on Linux (default: search for OpenBLAS)
+    openblas_coretype: str | None = Field(
+        default=None, validation_alias=AliasChoices("KD_OPENBLAS_CORETYPE", "OPENBLAS_CORETYPE")
+    )
+    worker_name: str = Field(default_factory=lambda: f"kd@{socket.gethostname()}")
+    heartbeat_interval: float = 5.0  # seconds between heartbeats while a job runs
+    keep_versions: int = Field(default=5, ge=1)  # published versions kept per domain
+    kd_defaults: dict[str, Any] = Field(default_factory=dict)  # KDConfig defaults, JSON
+    max_examples: int = Field(default=20_000, ge=1)
+    cache_student: bool = True  # keep the last student base resident between jobs
+    gate_tolerance: float = Field(default=0.01, ge=0.0)  # relative held-out KL increase still published
+
+    @field_validator("teacher", "student", "models_root", "adapters_dir", "work_dir", "blas_library")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return v.expanduser() if v is not None else None
+
+    @field_validator("worker_name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or len(v) > 100 or any(c.isspace() for c in v):
+            raise ValueError(f"KD_WORKER_NAME={v!r}: use 1-100 characters without spaces")
+        return v
+
+
+def load_settings(**overrides: Any) -> WorkerSettings:
+    """Build WorkerSettings; a bad variable becomes a ConfigError that names what to set."""
+    from pydantic import ValidationError
+
+    try:
+        return WorkerSettings(**overrides)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            lines.append(f"KD_{field.upper()}: {err['msg']}")
+        raise ConfigError("invalid settings: " + "; ".join(lines)) from e
+
+
+def require_model_dir(path: Path | None, var: str) -> Path:
+    """A model directory must exist and hold config.json; otherwise say which variable to set."""
+    if path is None:
+        raise ConfigError(f"{var} is not set: point it at a model directory (config.json, *.safetensors, tokenizer)")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{var}={path} is not a model directory (no config.json there)")
+    return path
