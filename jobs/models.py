@@ -109,3 +109,27 @@ def queue_names(base: str) -> dict[str, str]:
 
 def blob_key(sha256: str) -> str:
     return f"kd:blob:{sha256}"
+
+
+# Redis keys shared by producers and workers (names only; the clients live on each side).
+def seq_key(domain: str) -> str:
+    """INCR counter: submission tickets of a domain (publish order)."""
+    return f"kd:seq:{domain}"
+
+
+def active_key(domain: str) -> str:
+    """Sorted set job_id -> ticket of the domain's submitted, not yet settled jobs."""
+    return f"kd:active:{domain}"
+
+
+def published_key(domain: str) -> str:
+    """Highest ticket published for the domain (an older job never replaces a newer one)."""
+    return f"kd:published:{domain}"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"kd:cancel:{job_id}"
+
+
+def health_key(worker_name: str) -> str:
+    return f"kd:health:{worker_name}"

@@ -71,7 +71,7 @@ def parse_record(obj: Any, kind: Literal["prompts", "corrections"], where: str) 
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "record"
-        raise DataError(f"{where}: {loc}: {first['msg']}") from e
+        raise DataError(f"{where}: {loc}: {first['msg'].removeprefix('Value error, ')}") from e
     prompt, response = rec.conversation()
     if not prompt or prompt[-1]["role"] != "user":
         raise DataError(f"{where}: the conversation must end with a user message before the response")

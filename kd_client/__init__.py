@@ -1,4 +1,6 @@
-"""kd-daemon's producer side: the `kd-client` CLI, EGO's enqueue API and the cortex watcher.
+"""kd-daemon's producer side: the `kd-client` CLI, EGO's enqueue API (`KDClient`) and the
+cortex watcher. Never imports `kd_worker` or mlx (kd_client.hotswap imports mlx on use only)."""
 
-Never imports `kd_worker` or mlx.
-"""
+from kd_client.api import KDClient, Receipt
+
+__all__ = ["KDClient", "Receipt"]

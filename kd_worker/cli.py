@@ -114,6 +114,77 @@ def print_outcome(outcome: dict[str, Any], as_json: bool) -> None:
                       f"published {gate.get('published_kl'):.4f}); rerun with --force to publish anyway")
 
 
+def wait_for_redis(conn, max_wait_s: float = 60.0) -> None:
+    """Block (with backoff, logging) until Redis answers: a worker outlives Redis restarts."""
+    import time
+
+    from redis import RedisError
+
+    delay = 0.5
+    while True:
+        try:
+            conn.ping()
+            return
+        except RedisError as e:
+            log.warning("redis_unavailable", error=str(e), retry_in_s=delay)
+            time.sleep(delay)
+            delay = min(delay * 2, max_wait_s)
+
+
+def cmd_run(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
+    """The daemon: teacher resident before the loop; exit 0 only on a requested stop."""
+    from redis import Redis, RedisError
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    from jobs.models import queue_names
+    from kd_worker.runtime import JobControl, Runtime, WorkerContext, install_context
+    from kd_worker.worker import KDWorker
+
+    try:
+        teacher = require_model_dir(settings.teacher, "KD_TEACHER")
+        student = require_model_dir(settings.student, "KD_STUDENT")
+    except KDError as e:
+        print(f"kd-worker run: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    conn = Redis.from_url(settings.redis_url, health_check_interval=30, socket_keepalive=True)
+    runtime, control = Runtime(settings), JobControl()
+    runtime.teacher(teacher)  # resident for the life of the process
+    if settings.cache_student:
+        with runtime.student(student):
+            pass
+    install_context(WorkerContext(settings, runtime, conn, control))
+    queues = [Queue(n, connection=conn, serializer=JSONSerializer) for n in queue_names(settings.queue).values()]
+    worker = KDWorker(queues, conn, control, settings.heartbeat_interval, name=settings.worker_name)
+    wait_for_redis(conn)
+    try:
+        worker.claim_name()
+    except KDError as e:
+        print(f"kd-worker run: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    worker.recover_orphans()
+    worker.start_heartbeat()
+    log.info("worker_started", name=worker.name, queues=worker.queue_names(), teacher=str(teacher), blas=blas.library)
+    try:
+        while True:
+            try:
+                worker.work(burst=args.burst, max_jobs=args.max_jobs, logging_level=settings.log_level.upper())
+            except RedisError as e:
+                log.warning("work_loop_redis_error", error=str(e))
+            if control.shutting_down or worker._stop_requested or args.burst or args.max_jobs:
+                return EXIT_OK
+            try:
+                conn.ping()
+            except RedisError:
+                wait_for_redis(conn)  # Redis went away mid-loop: wait, recover our jobs, resume
+                worker.recover_orphans()
+                continue
+            log.error("work_loop_ended_unexpectedly")
+            return EXIT_ERROR  # a supervisor (launchd/systemd) restarts us on non-zero exits
+    finally:
+        worker.stop_heartbeat()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kd-worker", description=__doc__.split("\n\n")[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True)
@@ -139,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="publish even if the publish gate finds a regression")
     x.add_argument("--json", action="store_true", help="print the outcome as JSON")
     x.set_defaults(func=cmd_distill)
+
+    r = sub.add_parser("run", help="the daemon: load the teacher once, then train jobs from the Redis queue")
+    r.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    r.add_argument("--max-jobs", type=int, help="exit after this many jobs")
+    r.set_defaults(func=cmd_run)
+
+    from kd_worker.service import add_service_parser
+
+    add_service_parser(sub)
     return p
 
 

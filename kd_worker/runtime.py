@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import structlog
@@ -56,3 +58,54 @@ class Runtime:
             if self.settings.cache_student:
                 self._student = lm
             mx.clear_cache()
+
+
+class JobControl:
+    """Stop requests for the running job, set from rq's threads (pubsub, signals), read between
+    training steps on the main thread: cooperative cancel and warm shutdown."""
+
+    def __init__(self) -> None:
+        self._canceled: set[str] = set()
+        self._shutdown = False
+
+    def cancel(self, job_id: str) -> None:
+        self._canceled.add(job_id)
+
+    def shutdown(self) -> None:
+        self._shutdown = True
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutdown
+
+    def reason(self, job_id: str) -> str | None:
+        if job_id in self._canceled:
+            return "cancel"
+        return "shutdown" if self._shutdown else None
+
+
+@dataclass
+class WorkerContext:
+    """Start-up resources built once by `kd-worker run` and handed to every job (arq-style)."""
+
+    settings: WorkerSettings
+    runtime: Runtime
+    connection: Any  # redis.Redis
+    control: JobControl
+
+
+_CONTEXT: WorkerContext | None = None
+
+
+def install_context(ctx: WorkerContext) -> None:
+    """Write-once: the worker installs its context before the first job."""
+    global _CONTEXT
+    if _CONTEXT is not None and _CONTEXT is not ctx:
+        raise RuntimeError("a worker context is already installed in this process")
+    _CONTEXT = ctx
+
+
+def current_context() -> WorkerContext:
+    if _CONTEXT is None:
+        raise RuntimeError("kd_worker.task runs only inside `kd-worker run` (no worker context installed)")
+    return _CONTEXT

@@ -33,6 +33,9 @@ class WorkerSettings(QueueSettings):
     )
     worker_name: str = Field(default_factory=lambda: f"kd@{socket.gethostname()}")
     heartbeat_interval: float = 5.0  # seconds between heartbeats while a job runs
+    # Seconds launchd/systemd wait after SIGTERM before SIGKILL (ExitTimeOut / TimeoutStopSec):
+    # time to checkpoint the running job at its next training step and requeue it.
+    shutdown_grace: int = Field(default=60, ge=5, le=3600)
     keep_versions: int = Field(default=5, ge=1)  # published versions kept per domain
     kd_defaults: dict[str, Any] = Field(default_factory=dict)  # KDConfig defaults, JSON
     max_examples: int = Field(default=20_000, ge=1)

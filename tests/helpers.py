@@ -98,3 +98,62 @@ def kd_env(**extra: str) -> dict[str, str]:
 
 def venv_bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
+
+
+class WorkerProcess:
+    """`kd-worker run` as a real subprocess, its JSON log lines parsed for assertions."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str):
+        self.env, self.log_path, self.args = env, Path(log_path), args
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "WorkerProcess":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([venv_bin("kd-worker"), "run", *self.args], env=self.env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.wait_event("worker_started", timeout=60)
+        return self
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        import json
+
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if name is None or ev.get("event") == name:
+                out.append(ev)
+        return out
+
+    def wait_event(self, name: str, timeout: float = 60, count: int = 1) -> list[dict[str, Any]]:
+        def seen():
+            if self.proc is not None and self.proc.poll() is not None and len(self.events(name)) < count:
+                raise RuntimeError(f"worker exited ({self.proc.returncode}) before {name!r}:\n"
+                                   + self.log_path.read_text(errors="replace")[-3000:])
+            evs = self.events(name)
+            return evs if len(evs) >= count else None
+
+        return wait_for(seen, timeout, what=f"worker event {name!r} x{count}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout=timeout)
+        self._log.close()
+        return code
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        if hasattr(self, "_log"):
+            self._log.close()
+
+
+def kd_client(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([venv_bin("kd-client"), *args], env=env, capture_output=True, text=True, timeout=timeout)

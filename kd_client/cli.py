@@ -1,0 +1,296 @@
+"""`kd-client`: submit distillation jobs and follow them. Talks to Redis only (and reads the
+local adapters directory for `summary`, `rollback`, `follow`); never imports the worker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from jobs.config import parse_overrides
+from jobs.errors import KDError
+from jobs.models import DOMAINS
+from jobs.records import read_records
+
+EXIT_OK, EXIT_FAILED, EXIT_NOT_PUBLISHED, EXIT_STOPPED, EXIT_SPOOLED = 0, 1, 3, 4, 75
+FINAL = {"finished", "failed", "stopped", "canceled"}
+
+
+def exit_code(row: dict[str, Any]) -> int:
+    status = row.get("status")
+    if status == "failed":
+        return EXIT_FAILED
+    if status in ("stopped", "canceled"):
+        return EXIT_STOPPED
+    if status == "finished" and not (row.get("outcome") or {}).get("published", False):
+        return EXIT_NOT_PUBLISHED
+    return EXIT_OK
+
+
+def _records(path: str, kind: str) -> list[dict]:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise KDError(f"cannot read {path}: {e.strerror}") from e
+    return [r.model_dump(exclude_none=True) for r in read_records(data, kind, Path(path).name)]  # type: ignore[arg-type]
+
+
+def _sample(domain: str) -> str:
+    return str(resources.files("jobs").joinpath("samples", f"{domain}.jsonl"))
+
+
+def cmd_submit(args, settings) -> int:
+    from kd_client.api import KDClient
+
+    client = KDClient(settings, submitter=args.submitter)
+    domains = list(DOMAINS) if args.all_domains else [args.domain]
+    if not args.all_domains and not args.domain:
+        raise KDError("give --domain D (or --all-domains)")
+    overrides = parse_overrides(args.set or [])
+    code, receipts = EXIT_OK, []
+    for domain in domains:
+        prompts = [r for f in (args.prompts or ([_sample(domain)] if args.all_domains else [])) for r in _records(f, "prompts")]
+        corrections = [r for f in args.corrections or [] for r in _records(f, "corrections")]
+        rec = client.submit(domain, prompts or None, corrections or None, overrides, args.priority, args.force,
+                            args.teacher, args.student)
+        receipts.append({"domain": domain, **rec.__dict__})
+        if rec.spooled:
+            code = EXIT_SPOOLED
+    for r in receipts:
+        if args.json:
+            continue
+        if r["spooled"]:
+            print(f"{r['domain']}: Redis unreachable; spooled to {r['spool_file']} (delivered by `kd-client flush`)")
+        else:
+            print(f"{r['job_id']}{'  (duplicate of an existing job)' if r['duplicate'] else ''}")
+    if args.json:
+        print(json.dumps(receipts, indent=2))
+    if args.wait and code == EXIT_OK:
+        return max(watch(settings, r["job_id"], quiet=args.json) for r in receipts)
+    return code
+
+
+def cmd_status(args, settings) -> int:
+    from kd_client import queue as Q
+
+    job = Q.fetch(Q.connect(settings), args.job)
+    if job is None:
+        raise KDError(f"no job {args.job!r} (finished jobs are kept for KD_RESULT_TTL seconds)")
+    row = Q.describe(job)
+    if args.json:
+        print(json.dumps(row, indent=2, default=str))
+    else:
+        progress = row.get("progress") or {}
+        print(f"{row['id']}  {row['status']}  domain={row['domain']}  phase={progress.get('phase', '-')} "
+              f"{progress.get('step', '')}/{progress.get('total', '')}")
+        if row.get("outcome"):
+            o = row["outcome"]
+            print(f"published={o.get('published')} version={o.get('version')} gate={o.get('gate', {}).get('reason')}")
+        if row.get("error"):
+            print(f"error: {row['error']}")
+    return exit_code(row)
+
+
+def cmd_list(args, settings) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kd_client import queue as Q
+
+    rows = Q.list_jobs(Q.connect(settings), settings, set(args.state) if args.state else None)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return EXIT_OK
+    table = Table(title=f"kd jobs ({len(rows)})")
+    for col in ("job", "domain", "status", "progress", "enqueued", "result"):
+        table.add_column(col)
+    for r in rows:
+        p = r.get("progress") or {}
+        result = r.get("error") or (f"v{r['outcome'].get('version')}" if r.get("outcome") else "")
+        table.add_row(r["id"], r["domain"] or "", r["status"] or "", f"{p.get('phase', '')} {p.get('step', '')}/{p.get('total', '')}",
+                      r["enqueued_at"] or "", result[:60])
+    Console().print(table)
+    return EXIT_OK
+
+
+def watch(settings, job_id: str, quiet: bool = False, poll_s: float = 0.5) -> int:
+    """Live progress until the job ends; the exit code reflects the outcome."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from kd_client import queue as Q
+
+    conn = Q.connect(settings)
+    bar = Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=quiet)
+    tasks: dict[str, Any] = {}
+    with bar:
+        while True:
+            job = Q.fetch(conn, job_id)
+            if job is None:
+                raise KDError(f"no job {job_id!r}")
+            row = Q.describe(job)
+            p = row.get("progress") or {}
+            if p.get("phase"):
+                if p["phase"] not in tasks:
+                    tasks[p["phase"]] = bar.add_task(p["phase"], total=max(p.get("total") or 1, 1), info="")
+                info = " ".join(f"{k}={v:.3f}" for k, v in (p.get("metrics") or {}).items())
+                bar.update(tasks[p["phase"]], completed=p.get("step", 0), info=info)
+            if row["status"] in FINAL:
+                break
+            time.sleep(poll_s)  # polling interval of a progress display
+    if not quiet:
+        o = row.get("outcome") or {}
+        if row["status"] == "finished":
+            print(f"{job_id}: finished; published={o.get('published')} version={o.get('version')} "
+                  f"path={o.get('adapter_path')} ({(o.get('gate') or {}).get('reason')})")
+        else:
+            print(f"{job_id}: {row['status']}: {row.get('error', '')}", file=sys.stderr)
+    return exit_code(row)
+
+
+def cmd_watch(args, settings) -> int:
+    return watch(settings, args.job)
+
+
+def cmd_cancel(args, settings) -> int:
+    from kd_client import queue as Q
+
+    print(f"{args.job}: {Q.cancel(Q.connect(settings), args.job)}")
+    return EXIT_OK
+
+
+def cmd_workers(args, settings) -> int:
+    from kd_client import queue as Q
+
+    rows = Q.workers(Q.connect(settings))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for w in rows:
+            print(f"{w['name']}  {w['state']}  job={w.get('job_id') or '-'}  pid={w['pid']}@{w['host']}  "
+                  f"heartbeat {w['age_s']}s ago")
+        if not rows:
+            print("no live workers")
+    return EXIT_OK
+
+
+def cmd_summary(args, settings) -> int:
+    from jobs.publisher import read_summary
+
+    summary = read_summary(settings.adapters_dir)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return EXIT_OK
+    for domain, e in sorted(summary.get("domains", {}).items()):
+        after = (e.get("metrics") or {}).get("after", {})
+        print(f"{domain:12s} v{e.get('version')}  kl={after.get('kl', float('nan')):.4f}  "
+              f"published {e.get('published_at')}  gate: {(e.get('gate') or {}).get('reason')}")
+    return EXIT_OK
+
+
+def cmd_rollback(args, settings) -> int:
+    from jobs.publisher import rollback
+
+    v = rollback(settings.adapters_dir, args.domain, args.to)
+    print(f"{args.domain}: current is now v{v.number} ({v.path})")
+    return EXIT_OK
+
+
+def cmd_flush(args, settings) -> int:
+    from kd_client.api import KDClient
+
+    client = KDClient(settings, submitter=args.submitter)
+    for r in client.flush():
+        print(r.job_id)
+    left = client.pending()
+    print(f"still spooled: {left['outbox']} submission(s)")
+    return EXIT_SPOOLED if left["outbox"] else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kd-client", description="Submit kd-daemon distillation jobs and follow them.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("submit", help="queue a distillation job (spooled locally if Redis is unreachable)")
+    s.add_argument("--domain", help="neuron name, e.g. memory")
+    s.add_argument("--all-domains", action="store_true", help="one job per bundled domain with its sample prompts")
+    s.add_argument("--prompts", action="append", metavar="FILE", help='JSONL of {"prompt": ...} or {"messages": [...]}')
+    s.add_argument("--corrections", action="append", metavar="FILE", help='JSONL of {"prompt": ..., "response": ...}')
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="KD setting override, e.g. iterations=100")
+    s.add_argument("--priority", choices=("high", "normal", "low"), default="normal")
+    s.add_argument("--teacher", help="teacher model directory name under the worker's KD_MODELS_ROOT")
+    s.add_argument("--student", help="student model directory name under the worker's KD_MODELS_ROOT")
+    s.add_argument("--force", action="store_true", help="publish even if the publish gate finds a regression")
+    s.add_argument("--submitter", default="kd-client")
+    s.add_argument("--wait", action="store_true", help="follow the job until it ends (exit code = outcome)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_submit)
+
+    for name, fn, helptext in (("status", cmd_status, "one job's state, progress and outcome"),
+                               ("watch", cmd_watch, "live progress bar until the job ends"),
+                               ("cancel", cmd_cancel, "cancel a queued job, or stop a running one at its next step")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("job", help="job id (printed by submit)")
+        if name == "status":
+            c.add_argument("--json", action="store_true")
+        c.set_defaults(func=fn)
+
+    ls = sub.add_parser("list", help="jobs in all states (queued, started, finished, failed, stopped, canceled)")
+    ls.add_argument("--state", action="append", choices=("queued", "started", "deferred", "scheduled", "finished",
+                                                          "failed", "stopped", "canceled"))
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+
+    w = sub.add_parser("workers", help="live workers (health keys) and their current jobs")
+    w.add_argument("--json", action="store_true")
+    w.set_defaults(func=cmd_workers)
+
+    sm = sub.add_parser("summary", help="the published adapters (adapters_kd/kd_summary.json)")
+    sm.add_argument("--json", action="store_true")
+    sm.set_defaults(func=cmd_summary)
+
+    rb = sub.add_parser("rollback", help="point a domain back at an earlier published version")
+    rb.add_argument("--domain", required=True)
+    rb.add_argument("--to", type=int, help="version number (default: the one before the current)")
+    rb.set_defaults(func=cmd_rollback)
+
+    fl = sub.add_parser("flush", help="deliver submissions spooled while Redis was unreachable")
+    fl.add_argument("--submitter", default="kd-client")
+    fl.set_defaults(func=cmd_flush)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import structlog
+    from redis import RedisError
+
+    import logging
+
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr),  # stdout is for results
+                        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    args = build_parser().parse_args(argv)
+    from pydantic import ValidationError
+
+    from kd_client.settings import ClientSettings
+
+    try:
+        settings = ClientSettings()
+    except ValidationError as e:
+        print(f"kd-client: invalid settings: {e.errors()[0]['msg']}", file=sys.stderr)
+        return 78
+    try:
+        return args.func(args, settings)
+    except KDError as e:
+        print(f"kd-client {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except (OSError, RedisError) as e:
+        print(f"kd-client {args.command}: cannot reach Redis or a file: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Producer-side queue operations over Redis: submit (deduplicated, ordered), status, list,
+cancel, workers. JSON only; the task is named by its dotted path (kd_client never imports the
+worker). Training data goes to Redis once as a content-addressed blob."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+from rq import Queue, Retry
+from rq.command import send_stop_job_command
+from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.registry import (CanceledJobRegistry, DeferredJobRegistry, FailedJobRegistry, FinishedJobRegistry,
+                         ScheduledJobRegistry, StartedJobRegistry)
+from rq.serializers import JSONSerializer
+
+from jobs.config import resolve_config
+from jobs.errors import ConfigError, DataError, KDError
+from jobs.models import (TASK_FUNC, DataRef, KDJob, active_key, blob_key, cancel_key, health_key, queue_names,
+                         seq_key)
+from jobs.records import read_records
+from kd_client.settings import ClientSettings
+
+RESTARTABLE = {JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    kind: Literal["prompts", "corrections"]
+    data: bytes
+    name: str
+    records: int
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    status: str
+    duplicate: bool
+    ticket: int | None = None
+
+
+def prepare_dataset(kind: Literal["prompts", "corrections"], data: bytes, name: str, max_bytes: int) -> Dataset:
+    """Validate every record now, so a bad file fails at the producer, not hours later."""
+    if len(data) > max_bytes:
+        raise DataError(f"{name}: {len(data):,} bytes exceeds KD_MAX_DATA_BYTES={max_bytes:,}; split the data")
+    return Dataset(kind, data, name, len(read_records(data, kind, name)))
+
+
+def connect(settings: ClientSettings) -> redis.Redis:
+    return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.connect_timeout,
+                                socket_timeout=settings.socket_timeout)
+
+
+def build_job(domain: str, datasets: Sequence[Dataset], overrides: dict[str, Any] | None = None, **fields: Any) -> KDJob:
+    from pydantic import ValidationError
+
+    resolve_config(overrides or {})  # unknown or out-of-range settings fail at submit time
+    refs = tuple(DataRef(kind=d.kind, sha256=d.sha256, records=d.records, size=len(d.data), name=d.name[:200])
+                 for d in datasets)
+    try:
+        return KDJob(domain=domain, data=refs, overrides=overrides or {}, **fields)
+    except ValidationError as e:
+        raise ConfigError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from e
+
+
+def fetch(conn: redis.Redis, job_id: str) -> Job | None:
+    try:
+        return Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
+    except NoSuchJobError:
+        return None
+
+
+def submit(conn: redis.Redis, settings: ClientSettings, job: KDJob, datasets: Sequence[Dataset]) -> Submitted:
+    """Enqueue once: the same domain + data + settings + models returns the existing job."""
+    job_id = job.dedup_key()
+    existing = fetch(conn, job_id)
+    if existing is not None:
+        status = existing.get_status()
+        if status not in RESTARTABLE:
+            return Submitted(job_id, str(status.value if status else "unknown"), True, existing.meta.get("ticket"))
+        existing.delete()  # a failed/stopped/canceled run is retried by submitting it again
+    with conn.pipeline() as pipe:
+        for d in datasets:
+            pipe.set(blob_key(d.sha256), d.data, nx=True, ex=settings.blob_ttl)
+            pipe.expire(blob_key(d.sha256), settings.blob_ttl)
+        pipe.execute()
+    ticket = int(conn.incr(seq_key(job.domain)))
+    queue = Queue(queue_names(settings.queue)[job.priority], connection=conn, serializer=JSONSerializer)
+    retry = Retry(max=settings.max_attempts - 1) if settings.max_attempts > 1 else None
+    try:
+        queue.enqueue(
+            TASK_FUNC, kwargs={"payload": job.model_dump(mode="json")}, job_id=job_id, unique=True,
+            job_timeout=settings.job_timeout, result_ttl=settings.result_ttl, failure_ttl=settings.failure_ttl,
+            retry=retry, meta={"ticket": ticket, "domain": job.domain, "submitter": job.submitter},
+            description=f"kd {job.domain}: {sum(d.records for d in job.data)} records",
+        )
+    except DuplicateJobError:
+        return Submitted(job_id, "queued", True)
+    conn.zadd(active_key(job.domain), {job_id: ticket})
+    return Submitted(job_id, "queued", False, ticket)
+
+
+def describe(job: Job) -> dict[str, Any]:
+    """A JSON-ready view of a job: status, progress, outcome or error."""
+    status = job.get_status()
+    result = job.latest_result()
+    out: dict[str, Any] = {
+        "id": job.id, "status": status.value if status else None, "domain": job.meta.get("domain"),
+        "ticket": job.meta.get("ticket"), "queue": job.origin, "worker": job.worker_name,
+        "enqueued_at": _iso(job.enqueued_at), "started_at": _iso(job.started_at), "ended_at": _iso(job.ended_at),
+        "progress": job.meta.get("progress"), "description": job.description,
+    }
+    if result is not None and result.type == result.Type.SUCCESSFUL and isinstance(result.return_value, dict):
+        out["outcome"] = result.return_value
+    elif result is not None and result.exc_string:
+        out["error"] = last_error_line(result.exc_string)
+        out["traceback"] = result.exc_string
+    return out
+
+
+def last_error_line(exc_string: str) -> str:
+    lines = [ln for ln in exc_string.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else exc_string
+
+
+def _iso(dt) -> str | None:
+    return dt.isoformat(timespec="seconds") if dt else None
+
+
+def all_job_ids(conn: redis.Redis, settings: ClientSettings) -> list[str]:
+    ids: list[str] = []
+    for name in queue_names(settings.queue).values():
+        q = Queue(name, connection=conn, serializer=JSONSerializer)
+        ids += q.get_job_ids()
+        for reg in (StartedJobRegistry, DeferredJobRegistry, ScheduledJobRegistry, FinishedJobRegistry,
+                    FailedJobRegistry, CanceledJobRegistry):
+            ids += reg(name, connection=conn, serializer=JSONSerializer).get_job_ids(cleanup=False)
+    return list(dict.fromkeys(ids))
+
+
+def list_jobs(conn: redis.Redis, settings: ClientSettings, states: set[str] | None = None) -> list[dict[str, Any]]:
+    jobs = [j for j in Job.fetch_many(all_job_ids(conn, settings), connection=conn, serializer=JSONSerializer) if j]
+    rows = [describe(j) for j in jobs]
+    rows = [r for r in rows if not states or r["status"] in states]
+    return sorted(rows, key=lambda r: r["enqueued_at"] or "")
+
+
+def cancel(conn: redis.Redis, job_id: str) -> str:
+    """A queued job never starts; a running one stops at its next step (cooperative)."""
+    job = fetch(conn, job_id)
+    if job is None:
+        raise KDError(f"no job {job_id!r} (finished jobs are kept for KD_RESULT_TTL)")
+    status = job.get_status()
+    if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+        job.cancel()
+        return "canceled"
+    if status == JobStatus.STARTED:
+        conn.set(cancel_key(job_id), "1", ex=24 * 3600)  # seen by the job even if pubsub is missed
+        try:
+            send_stop_job_command(conn, job_id, serializer=JSONSerializer)
+        except InvalidJobOperation:
+            pass
+        return "stopping"
+    raise KDError(f"job {job_id} is {status.value if status else 'unknown'}; only queued or running jobs can be canceled")
+
+
+def workers(conn: redis.Redis) -> list[dict[str, Any]]:
+    """Workers with a live health key (TTL-bound) and what they are doing."""
+    out = []
+    for key in conn.scan_iter(match=health_key("*")):
+        raw = conn.get(key)
+        if raw:
+            info = json.loads(raw)
+            info["age_s"] = round(time.time() - info.get("at", time.time()), 1)
+            out.append(info)
+    return sorted(out, key=lambda w: w["name"])

@@ -1,0 +1,140 @@
+"""The only RQ entry point: `run_kd_job(payload)`. Validates the payload before touching any
+file, fetches the training data by sha256, reports progress into job.meta, and runs the same
+`run_distillation` as `kd-worker distill`, with the worker's resident models."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+from redis import Redis, RedisError
+from rq import Retry, get_current_job
+from rq.job import Job
+
+from jobs.errors import DataError, JobInterrupted, SecurityError
+from jobs.models import KDJob, blob_key, cancel_key, parse_job
+from kd_worker import ordering
+from kd_worker.distill import DistillRequest, run_distillation
+from kd_worker.runtime import WorkerContext, current_context
+from kd_worker.settings import WorkerSettings, require_model_dir
+from kd_worker.trainer import Progress
+
+log = structlog.get_logger(__name__)
+
+RESUME_RETRIES = 1000  # warm-shutdown requeues are not failures; this only bounds a restart loop
+
+
+def materialize_data(conn: Redis, job: KDJob, settings: WorkerSettings) -> tuple[tuple[str, Path], ...]:
+    """Each DataRef's blob, checked against its size and sha256, as a file in the work dir."""
+    out = []
+    for ref in job.data:
+        if ref.size > settings.max_data_bytes:
+            raise DataError(f"{ref.name}: {ref.size} bytes exceeds KD_MAX_DATA_BYTES={settings.max_data_bytes}")
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(ref.name).name).lstrip(".") or "data.jsonl"
+        path = settings.work_dir / "data" / ref.sha256 / safe  # errors then name the user's file
+        if not path.is_file():
+            blob = conn.get(blob_key(ref.sha256))
+            if blob is None:
+                raise DataError(f"{ref.name}: data blob {ref.sha256[:12]} is missing or expired in Redis; resubmit the job")
+            if len(blob) != ref.size or hashlib.sha256(blob).hexdigest() != ref.sha256:
+                raise DataError(f"{ref.name}: data does not match its sha256 {ref.sha256[:12]} (corrupt or tampered)")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(blob)
+            os.replace(tmp, path)
+        out.append((ref.kind, path))
+    return tuple(out)
+
+
+def resolve_models(job: KDJob, settings: WorkerSettings) -> tuple[Path, Path]:
+    """Job-named models must live under KD_MODELS_ROOT; otherwise the worker's defaults."""
+    def pick(name: str | None, default: Path | None, var: str) -> Path:
+        if name is None:
+            return require_model_dir(default, var)
+        if settings.models_root is None:
+            raise SecurityError(f"the job names model {name!r} but this worker has no KD_MODELS_ROOT to look it up")
+        root = settings.models_root.resolve()
+        path = (root / name).resolve()
+        if not path.is_relative_to(root):
+            raise SecurityError(f"model {name!r} resolves outside KD_MODELS_ROOT")
+        return require_model_dir(path, f"model {name!r} under KD_MODELS_ROOT")
+
+    return pick(job.teacher, settings.teacher, "KD_TEACHER"), pick(job.student, settings.student, "KD_STUDENT")
+
+
+class MetaProgress:
+    """Progress -> job.meta["progress"], at most every `every_s` seconds (and on phase changes)."""
+
+    def __init__(self, job: Job, every_s: float = 1.0):
+        self.job, self.every_s = job, every_s
+        self._last, self._phase = 0.0, None
+
+    def __call__(self, p: Progress) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_s and p.phase == self._phase and p.step < p.total:
+            return
+        self._last, self._phase = now, p.phase
+        self.job.meta["progress"] = {
+            "phase": p.phase, "step": p.step, "total": p.total, "metrics": p.metrics,
+            "tokens_per_s": p.tokens_per_s, "eta_s": p.eta_s, "updated_at": time.time(),
+        }
+        try:
+            self.job.save_meta()
+        except RedisError as e:  # progress is advisory; the job itself must not die of a Redis blip
+            log.warning("progress_not_saved", error=str(e))
+
+
+def make_stopper(ctx: WorkerContext, job_id: str, every_s: float = 1.0):
+    """should_stop() for the trainer: the worker's flags, plus the cancel key (pubsub may be missed)."""
+    last = [0.0]
+
+    def should_stop() -> str | None:
+        if (reason := ctx.control.reason(job_id)) is not None:
+            return reason
+        if time.monotonic() - last[0] >= every_s:
+            last[0] = time.monotonic()
+            try:
+                if ctx.connection.exists(cancel_key(job_id)):
+                    ctx.control.cancel(job_id)
+                    return "cancel"
+            except RedisError:
+                pass  # Redis away: the job keeps training; cancel is checked again later
+        return None
+
+    return should_stop
+
+
+def run_kd_job(payload: dict[str, Any]) -> Any:
+    ctx = current_context()
+    rq_job = get_current_job()
+    spec = parse_job(payload)  # before any file is touched
+    structlog.contextvars.bind_contextvars(job_id=rq_job.id, domain=spec.domain)
+    started = time.perf_counter()
+    try:
+        data = materialize_data(ctx.connection, spec, ctx.settings)
+        teacher, student = resolve_models(spec, ctx.settings)
+        ticket = rq_job.meta.get("ticket")
+        # one run dir per submission: retries and requeues resume it, a resubmission starts afresh
+        req = DistillRequest(spec.domain, data, teacher, student, run_id=f"{rq_job.id}-{ticket or 0}",
+                             overrides=dict(spec.overrides), force_publish=spec.force_publish, job_id=rq_job.id,
+                             reuse_outcome=True)
+        stop = make_stopper(ctx, rq_job.id)
+        outcome = run_distillation(
+            req, ctx.runtime, ctx.settings, MetaProgress(rq_job), stop,
+            publish_guard=lambda: ordering.in_order(ctx.connection, spec.domain, rq_job.id, ticket, stop),
+        )
+    except JobInterrupted as e:
+        log.info("job_interrupted", reason=str(e))
+        return Retry(max=RESUME_RETRIES, enqueue_at_front=True)
+    finally:
+        structlog.contextvars.unbind_contextvars("job_id", "domain")
+    after = outcome.get("after", {})
+    log.info("job_finished", job_id=rq_job.id, domain=spec.domain, duration_s=round(time.perf_counter() - started, 3),
+             published=outcome["published"], version=outcome.get("version"), adapter_path=outcome.get("adapter_path"),
+             val_kl=after.get("kl"), val_ce=after.get("ce"), val_total=after.get("total"), gate=outcome["gate"]["decision"])
+    return outcome

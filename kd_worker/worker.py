@@ -1,0 +1,151 @@
+"""KDWorker: rq's SimpleWorker (no fork per job: a fork after MLX has evaluated anything hangs,
+and forking after Metal starts crashes on macOS) with what a weeks-long training daemon needs:
+
+- only allow-listed task functions run (a JSON queue still executes any importable callable
+  that someone who can write to Redis names), checked before rq resolves the function;
+- a heartbeat thread keeps the job's StartedJobRegistry entry, the worker key and a health key
+  alive while a job really runs (rq sets the expiry once; rq#1604/#2424);
+- cancel is cooperative (rq's stop-job calls kill_horse, a no-op for SimpleWorker);
+- SIGTERM (launchd/systemd) asks the running job to checkpoint and requeue itself;
+- at start-up, jobs this worker left "started" when it died are requeued (rq's own abandoned-
+  job path: retries_left), and a worker name still alive elsewhere is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import structlog
+from redis import Redis, RedisError
+from rq import SimpleWorker
+from rq.executions import Execution
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException
+from rq.worker import WorkerStatus
+
+from jobs.errors import ConfigError, JobCanceled, KDError, SecurityError
+from jobs.models import ALLOWED_TASKS, health_key
+from kd_worker.runtime import JobControl
+
+log = structlog.get_logger(__name__)
+
+
+class KDWorker(SimpleWorker):
+    def __init__(self, queues, connection: Redis, control: JobControl, heartbeat_interval: float = 5.0, **kwargs):
+        super().__init__(queues, connection=connection, serializer=JSONSerializer, **kwargs)
+        self.control = control
+        self.heartbeat_interval = heartbeat_interval
+        self._current: tuple[Job, Execution] | None = None
+        self._beat_stop = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+
+    # --- safety -------------------------------------------------------------------------------
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        func = job.func_name  # JSON-decodes the payload; resolving the function would import it
+        if func not in ALLOWED_TASKS:
+            log.error("job_refused", job_id=job.id, func=func)
+            raise SecurityError(f"task {func!r} is not allowed on this worker; allowed: {sorted(ALLOWED_TASKS)}")
+        super().prepare_job_execution(job, remove_from_intermediate_queue)
+
+    def _finalize_failure(self, job: Job, queue, execution: Execution, exc_info) -> None:
+        exc = exc_info[1]
+        if isinstance(exc, JobCanceled):
+            self._stopped_job_id = job.id  # rq marks it STOPPED, never retried
+        elif isinstance(exc, JobTimeoutException) or (isinstance(exc, KDError) and not exc.retryable):
+            job.retries_left = 0  # bad input stays bad, a timeout would time out again: fail now
+        log.error("job_failed", job_id=job.id, error_type=type(exc).__name__, error=str(exc))
+        super()._finalize_failure(job, queue, execution, exc_info)
+
+    # --- cancel and shutdown ------------------------------------------------------------------
+    def kill_horse(self, sig=None) -> None:
+        """rq's stop-job/stop-execution commands land here (pubsub thread): cancel cooperatively."""
+        if self._stopped_job_id:
+            self.control.cancel(self._stopped_job_id)
+
+    def request_stop(self, signum, frame) -> None:
+        """First SIGTERM/SIGINT: the running job checkpoints and requeues; then the loop ends."""
+        self.control.shutdown()
+        super().request_stop(signum, frame)
+
+    # --- heartbeat ----------------------------------------------------------------------------
+    def execute_job(self, job: Job, queue) -> None:
+        execution = self.prepare_execution(job)
+        self._current = (job, execution)
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            self._current = None
+        self.set_state(WorkerStatus.IDLE)
+
+    def health(self) -> dict[str, Any]:
+        current = self._current
+        return {"name": self.name, "host": socket.gethostname(), "pid": os.getpid(), "at": time.time(),
+                "state": "busy" if current else "idle", "job_id": current[0].id if current else None,
+                "queues": self.queue_names(), "shutting_down": self.control.shutting_down}
+
+    def _beat_once(self) -> None:
+        ttl = int(self.heartbeat_interval * 3) + 1
+        self.connection.set(health_key(self.name), json.dumps(self.health()), ex=ttl)
+        current = self._current
+        if current is not None:
+            self.maintain_heartbeats(*current)
+
+    def _beat_loop(self) -> None:
+        while not self._beat_stop.wait(self.heartbeat_interval):
+            try:
+                self._beat_once()
+            except RedisError as e:
+                log.warning("heartbeat_failed", error=str(e))
+
+    def start_heartbeat(self) -> None:
+        self._beat_once()
+        self._beat_thread = threading.Thread(target=self._beat_loop, name="kd-heartbeat", daemon=True)
+        self._beat_thread.start()
+
+    def stop_heartbeat(self) -> None:
+        self._beat_stop.set()
+        if self._beat_thread is not None:
+            self._beat_thread.join(timeout=5)
+        try:
+            self.connection.delete(health_key(self.name))
+        except RedisError:
+            pass
+
+    # --- start-up -----------------------------------------------------------------------------
+    def claim_name(self) -> None:
+        """Refuse a name that a live worker holds; clear the key a dead one left behind. A
+        predecessor that just crashed still has a health key for up to its TTL: wait that out."""
+        deadline = time.monotonic() + self.heartbeat_interval * 3 + 2
+        while self.connection.exists(health_key(self.name)):
+            if time.monotonic() > deadline:
+                raise ConfigError(f"a worker named {self.name!r} is alive (its health key is refreshed); "
+                                  "give this one another KD_WORKER_NAME")
+            time.sleep(0.5)  # waiting for a TTL to lapse
+        if self.connection.exists(self.key):
+            self.connection.delete(self.key)
+
+    def recover_orphans(self) -> list[str]:
+        """Requeue (via rq's abandoned-job path) the jobs this worker name left started."""
+        recovered = []
+        for queue in self.queues:
+            registry = StartedJobRegistry(queue.name, connection=self.connection, serializer=self.serializer)
+            for job_id, exec_id in registry.get_job_and_execution_ids(cleanup=False):
+                try:
+                    execution = Execution.fetch(exec_id, job_id, connection=self.connection)
+                except ValueError:
+                    execution = None
+                if execution is None or execution.worker_name == self.name:
+                    self.connection.zadd(registry.key, {f"{job_id}:{exec_id}": 1})  # expire it now
+                    recovered.append(job_id)
+            if recovered:
+                registry.cleanup()
+        if recovered:
+            log.warning("orphans_recovered", jobs=recovered)
+        return recovered

@@ -1,0 +1,192 @@
+"""The daemon end to end: real redis-server, real `kd-worker run` processes, real tiny models."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import redis
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from helpers import REPO, WorkerProcess, kd_client, wait_for
+from jobs.models import blob_key
+
+SAMPLES = REPO / "jobs" / "samples"
+LONG = ["--set", "iterations=5000", "--set", "save_every=5", "--set", "val_every=100000"]
+
+
+def job_status(env, job_id: str) -> dict:
+    out = kd_client(env, "status", job_id, "--json")
+    return json.loads(out.stdout)
+
+
+def wait_status(env, job_id: str, states: set[str], timeout: float = 120) -> dict:
+    return wait_for(lambda: (s := job_status(env, job_id))["status"] in states and s, timeout,
+                    what=f"{job_id} in {states}")
+
+
+def wait_training(env, job_id: str, min_step: int = 1, timeout: float = 120) -> dict:
+    def training():
+        p = job_status(env, job_id).get("progress") or {}
+        return p.get("phase") == "train" and p.get("step", 0) >= min_step and p
+    return wait_for(training, timeout, what=f"{job_id} training past step {min_step}")
+
+
+def submit(env, domain: str, *extra: str) -> str:
+    out = kd_client(env, "submit", "--domain", domain, "--prompts", str(SAMPLES / f"{domain}.jsonl"), *extra)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()[0]
+
+
+@pytest.fixture
+def worker(env, tmp_path):
+    procs: list[WorkerProcess] = []
+
+    def start(name: str | None = None, **extra_env: str) -> WorkerProcess:
+        e = dict(env, **extra_env)
+        if name:
+            e["KD_WORKER_NAME"] = name
+        w = WorkerProcess(e, tmp_path / f"worker-{len(procs)}.log").start()
+        procs.append(w)
+        return w
+
+    yield start
+    for w in procs:
+        w.stop()
+
+
+def test_cli_submit_to_published_adapter_with_teacher_loaded_once(env, worker, tmp_path):
+    w = worker()
+    ids = [submit(env, d) for d in ("memory", "debug", "task")]
+    out = kd_client(env, "watch", ids[-1])
+    assert out.returncode == 0, out.stderr
+    for job_id in ids:
+        st = wait_status(env, job_id, {"finished"})
+        assert st["outcome"]["published"] and Path(st["outcome"]["adapter_path"]).is_dir()
+    teacher_loads = [e for e in w.events("model_loaded") if e["path"].endswith("/teacher")]
+    assert len(teacher_loads) == 1  # resident across the three jobs
+    assert len(w.events("job_finished")) == 3
+    summary = json.loads(kd_client(env, "summary", "--json").stdout)
+    assert set(summary["domains"]) == {"memory", "debug", "task"}
+    dup = kd_client(env, "submit", "--domain", "memory", "--prompts", str(SAMPLES / "memory.jsonl"))
+    assert dup.stdout.split()[0] == ids[0] and "duplicate" in dup.stdout
+
+
+def test_cancel_running_and_queued_jobs(env, worker):
+    worker()
+    running = submit(env, "memory", *LONG)
+    queued = submit(env, "debug", *LONG)
+    wait_training(env, running)
+    assert "canceled" in kd_client(env, "cancel", queued).stdout
+    assert "stopping" in kd_client(env, "cancel", running).stdout
+    assert wait_status(env, running, {"stopped"}, timeout=30)["status"] == "stopped"
+    st = wait_status(env, queued, {"canceled"})
+    assert st["started_at"] is None
+    after = submit(env, "task")  # the worker lives on
+    assert wait_status(env, after, {"finished"})["outcome"]["published"]
+    assert job_status(env, queued)["status"] == "canceled"
+
+
+def test_sigterm_checkpoints_requeues_and_resumes(env, worker):
+    w1 = worker()
+    job_id = submit(env, "memory", "--set", "iterations=400", "--set", "save_every=10", "--set", "val_every=100000")
+    wait_training(env, job_id, min_step=15)
+    w1.signal(signal.SIGTERM)
+    assert w1.wait(timeout=60) == 0  # requested stop: exit 0 (supervisors do not restart it)
+    assert job_status(env, job_id)["status"] == "queued"  # requeued at the front
+    interrupted = w1.events("job_interrupted")
+    assert interrupted and "checkpoint" in interrupted[0]["reason"]
+    w2 = worker()
+    st = wait_status(env, job_id, {"finished"}, timeout=240)
+    resumed = w2.events("training_resumed")
+    assert resumed and resumed[0]["step"] >= 15
+    metrics = json.loads((Path(st["outcome"]["adapter_path"]) / "kd_metrics.json").read_text())
+    assert metrics["timing"]["resumed_from"] >= 15 and metrics["train"][-1]["step"] == 400
+
+
+def test_sigkill_then_restart_recovers_the_orphan(env, worker):
+    w1 = worker(name="kd-crashy")
+    job_id = submit(env, "memory", "--set", "iterations=400", "--set", "save_every=10", "--set", "val_every=100000")
+    wait_training(env, job_id, min_step=25)
+    w1.signal(signal.SIGKILL)
+    w1.wait(timeout=30)
+    assert job_status(env, job_id)["status"] == "started"  # what a crash leaves behind
+    wait_for(lambda: not redis.Redis.from_url(env["KD_REDIS_URL"]).exists("kd:health:kd-crashy"), 10,
+             what="the dead worker's health key to expire")
+    w2 = worker(name="kd-crashy")
+    assert w2.events("orphans_recovered")[0]["jobs"] == [job_id]
+    st = wait_status(env, job_id, {"finished"}, timeout=240)
+    assert w2.events("training_resumed")[0]["step"] >= 20
+    assert st["outcome"]["published"]
+
+
+def test_refuses_functions_outside_the_allow_list_and_pickle(env, worker, tmp_path):
+    w = worker()
+    conn = redis.Redis.from_url(env["KD_REDIS_URL"])
+    q = Queue("kd", connection=conn, serializer=JSONSerializer)
+    marker = tmp_path / "pwned"
+    evil = q.enqueue("os.system", f"touch {marker}")
+    pickled = q.enqueue("os.getcwd", job_id="pickled")
+    import pickle
+    import zlib
+
+    conn.hset("rq:job:pickled", "data", zlib.compress(pickle.dumps(("os.system", None, (f"touch {marker}",), {}))))
+    for job in (evil, pickled):
+        wait_for(lambda j=job: Job.fetch(j.id, connection=conn, serializer=JSONSerializer).get_status() == "failed",
+                 60, what=f"{job.id} to fail")
+    assert not marker.exists()
+    err = Job.fetch(evil.id, connection=conn, serializer=JSONSerializer).latest_result().exc_string
+    assert "SecurityError" in err and "not allowed" in err
+    ok = submit(env, "memory")
+    assert wait_status(env, ok, {"finished"})["outcome"]["published"]  # worker alive
+    assert w.proc.poll() is None
+
+
+def test_malformed_data_fails_the_job_clearly_and_worker_lives_on(env, worker):
+    import hashlib
+
+    from jobs.models import TASK_FUNC, DataRef, KDJob
+
+    worker()
+    conn = redis.Redis.from_url(env["KD_REDIS_URL"])
+    bad = b'{"prompt": "fine"}\n{"prompt": broken json\n'
+    sha = hashlib.sha256(bad).hexdigest()
+    conn.set(blob_key(sha), bad)
+    job = KDJob(domain="memory", data=(DataRef(kind="prompts", sha256=sha, records=2, size=len(bad), name="bad.jsonl"),))
+    rq_job = Queue("kd", connection=conn, serializer=JSONSerializer).enqueue(
+        TASK_FUNC, kwargs={"payload": job.model_dump(mode="json")})
+    st = wait_status(env, rq_job.id, {"failed"})
+    assert "DataError" in st["error"] and "bad.jsonl line 2" in st["error"] and "not valid JSON" in st["error"]
+    assert st.get("traceback", "").count("Traceback") >= 1
+    ok = submit(env, "debug")
+    assert wait_status(env, ok, {"finished"})["outcome"]["published"]
+
+
+def test_two_workers_share_a_queue_and_publish_each_domain_in_order(env, worker):
+    worker(name="kd-a")
+    worker(name="kd-b")
+    ids = []
+    for i in range(3):
+        for domain in ("memory", "debug"):
+            ids.append((domain, submit(env, domain, "--set", f"seed={i}")))
+    for _, job_id in ids:
+        wait_status(env, job_id, {"finished"}, timeout=300)
+    by_worker = {job_status(env, j)["worker"] for _, j in ids}
+    assert by_worker == {"kd-a", "kd-b"}
+    adapters = Path(env["KD_ADAPTERS_DIR"])
+    for domain in ("memory", "debug"):
+        tickets = []
+        for v in sorted((adapters / domain / "versions").iterdir()):
+            job_id = json.loads((v / "manifest.json").read_text())["summary"]["job_id"]
+            tickets.append(job_status(env, job_id)["ticket"])
+        assert tickets == sorted(tickets) and len(tickets) >= 1
+        published = {json.loads((v / "manifest.json").read_text())["summary"]["job_id"]
+                     for v in (adapters / domain / "versions").iterdir()}
+        for d, j in ids:
+            o = job_status(env, j)["outcome"]
+            if d == domain:
+                assert (j in published) == o["published"]
