@@ -185,6 +185,12 @@ def cmd_run(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
         worker.stop_heartbeat()
 
 
+def cmd_demo(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
+    from kd_worker.demo import run_demo
+
+    return run_demo(settings, Path(args.dir).resolve(), args.iterations, "KD_REDIS_URL" in os.environ)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kd-worker", description=__doc__.split("\n\n")[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True)
@@ -215,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     r.add_argument("--max-jobs", type=int, help="exit after this many jobs")
     r.set_defaults(func=cmd_run)
+
+    dm = sub.add_parser("demo", help="build tiny models, start Redis + a worker, distil `memory`, show the result")
+    dm.add_argument("--dir", default=".kd/demo", help="where models, Redis data, logs and the plot go")
+    dm.add_argument("--iterations", type=int, default=200, help="training steps of the demo job")
+    dm.set_defaults(func=cmd_demo)
 
     from kd_worker.service import add_service_parser
 

@@ -12,7 +12,7 @@ names or `config.vocab_size`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from jobs.errors import VocabularyMismatch
@@ -27,6 +27,12 @@ class VocabPlan:
     teacher_rows: int
     student_rows: int
     notes: tuple[str, ...] = ()
+    teacher: Any = field(default=None, repr=False, compare=False)  # cross mode: its tokenizer is mapped
+
+    @property
+    def student_vocab(self) -> int:
+        """Logit columns of the student's head that are real tokens (its own, in cross mode)."""
+        return self.student_tokens if self.mode == "cross" else self.n_vocab
 
 
 def describe(tokenizer: Any, path: Any, identity: str) -> str:
@@ -54,10 +60,10 @@ def plan_vocabulary(teacher: Any, student: Any, allow_cross: bool) -> VocabPlan:
         teacher_tokens=teacher.n_tokens, student_tokens=student.n_tokens, teacher_rows=teacher.rows, student_rows=student.rows
     )
     if same:
-        mode = "direct" if teacher.rows == student.rows == teacher.n_tokens else "sliced"
+        mode = "direct" if teacher.rows == student.rows else "sliced"  # both cut to n_tokens either way
         return VocabPlan(mode, teacher.n_tokens, notes=tuple(notes), **sizes)
     if allow_cross:
-        return VocabPlan("cross", teacher.n_tokens, notes=tuple(notes), **sizes)
+        return VocabPlan("cross", teacher.n_tokens, notes=tuple(notes), teacher=teacher, **sizes)
     raise VocabularyMismatch(
         "teacher and student tokenizers differ: teacher "
         f"{describe(teacher.hf_tokenizer, teacher.path, teacher.tokenizer_identity)} vs student "
