@@ -55,8 +55,10 @@ class KDConfig(BaseModel):
     gen_batch_size: Annotated[int, Field(ge=1, le=256)] = 8
 
     # Cross-tokenizer distillation (teacher and student tokenizers differ)
-    xtok_unaligned: Literal["ce", "uld"] = "uld"
-    xtok_min_coverage: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    xtok_unaligned: Literal["ce", "uld"] = "uld"  # loss at positions without an alignment (CE always applies)
+    xtok_uld_weight: Annotated[float, Field(ge=0.0, le=100.0)] = 1.0  # ULD term relative to the per-token KL
+    xtok_min_coverage: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5  # share of positions aligned / mass mapped
+    xtok_low_coverage: Literal["refuse", "warn"] = "refuse"  # below xtok_min_coverage
 
     @model_validator(mode="after")
     def _check(self) -> "KDConfig":

@@ -65,7 +65,7 @@ def domain_dir(root: Path, domain: str) -> Path:
         raise SecurityError(str(e)) from e
     root = Path(root)
     d = root / domain
-    if d.exists() and not d.resolve().is_relative_to(root.resolve()):
+    if (d.exists() or d.is_symlink()) and not d.resolve().is_relative_to(root.resolve()):  # dangling links too
         raise SecurityError(f"{d} resolves outside {root}; refusing to write there")
     return d
 
@@ -118,9 +118,12 @@ def verify(version_dir: Path) -> dict[str, Any]:
         manifest = json.loads((version_dir / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise PublishError(f"{version_dir} has no readable {MANIFEST}: {e}") from e
-    for rel, meta in manifest["files"].items():
-        p = version_dir / rel
-        if not p.is_file() or p.stat().st_size != meta["size"] or _sha256(p) != meta["sha256"]:
+    try:
+        files = [(version_dir / rel, int(meta["size"]), str(meta["sha256"])) for rel, meta in manifest["files"].items()]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise PublishError(f"{version_dir / MANIFEST} is malformed ({type(e).__name__}: {e}); republish it") from e
+    for p, size, sha in files:
+        if not p.is_file() or p.stat().st_size != size or _sha256(p) != sha:
             raise PublishError(f"{p} does not match its manifest (partial or modified version)")
     return manifest
 
@@ -170,8 +173,19 @@ def update_summary(root: Path, domain: str, change: Callable[[dict[str, Any]], d
 def _swap_pointer(d: Path, version: Version) -> None:
     tmp = d / f".{POINTER}.{uuid.uuid4().hex}"
     os.symlink(f"versions/{version.name}", tmp)
-    os.replace(tmp, d / POINTER)
+    try:
+        os.replace(tmp, d / POINTER)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(d)
+
+
+def _points_to(d: Path, version: Version) -> bool:
+    try:
+        return os.readlink(d / POINTER) == f"versions/{version.name}"
+    except OSError:
+        return False
 
 
 def _compat_links(d: Path, version: Version) -> None:
@@ -233,6 +247,12 @@ def publish(
             raise
         try:
             _swap_pointer(d, version)
+        except OSError as e:
+            if _points_to(d, version):  # swapped, only the directory fsync failed
+                raise PublishError(f"publishing {domain} v{number}: syncing the pointer failed: {e}") from e
+            shutil.rmtree(version.path, ignore_errors=True)  # never current, so no reader has it
+            raise PublishError(f"publishing {domain} failed at the pointer swap: {e}; the previous version stays current") from e
+        try:
             _compat_links(d, version)
             update_summary(root, domain, lambda old: {**entry, "history": (old.get("history", []) + [number])[-20:]})
         except OSError as e:

@@ -211,6 +211,26 @@ def cmd_flush(args, settings) -> int:
     return EXIT_SPOOLED if left["outbox"] else EXIT_OK
 
 
+def cmd_follow(args, settings) -> int:
+    """Reference cortex consumer: hold a model, hot-swap each published adapter, answer a prompt."""
+    from kd_client.follow import describe, follow
+
+    try:
+        follow(settings.adapters_dir, args.domain, Path(args.model), args.prompt or _first_prompt(args.domain),
+               max_tokens=args.max_tokens, force_polling=args.poll or None, max_swaps=args.max_swaps,
+               on_event=lambda e: print(describe(e), flush=True))
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def _first_prompt(domain: str) -> str:
+    path = Path(_sample(domain))
+    if not path.is_file():
+        raise KDError(f"no bundled prompts for {domain!r}; give --prompt")
+    return _records(str(path), "prompts")[0]["prompt"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kd-client", description="Submit kd-daemon distillation jobs and follow them.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -261,6 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     fl = sub.add_parser("flush", help="deliver submissions spooled while Redis was unreachable")
     fl.add_argument("--submitter", default="kd-client")
     fl.set_defaults(func=cmd_flush)
+
+    fo = sub.add_parser("follow", help="hold a model, hot-swap each published adapter of a domain, answer a prompt")
+    fo.add_argument("--domain", required=True)
+    fo.add_argument("--model", required=True, help="the student base model directory")
+    fo.add_argument("--prompt", help="asked after every swap (default: the domain's first bundled prompt)")
+    fo.add_argument("--max-tokens", type=int, default=64)
+    fo.add_argument("--poll", action="store_true", help="force polling (network filesystems)")
+    fo.add_argument("--max-swaps", type=int, help="exit after this many swaps")
+    fo.set_defaults(func=cmd_follow)
     return p
 
 

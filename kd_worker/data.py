@@ -37,6 +37,7 @@ class SoftTargets:
     tail: np.ndarray  # [N] float32 log mass outside the support
     lse_t: np.ndarray  # [N] float32 logsumexp(log p / T), full vocabulary
     kd_mask: np.ndarray  # [N] float32
+    uld_mask: np.ndarray | None = None  # [N] float32 1: tokenizer-agnostic ULD row (cross-tokenizer only)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -133,11 +134,13 @@ def collate(seqs: Sequence[Sequence_], pad_id: int = 0, pad_to: int = 8) -> Batc
         positions.append(b * width + s.resp_start - 1 + np.arange(n, dtype=np.int32))
         labels.append(s.tokens[s.resp_start :])
         parts.append(pad_support(s.targets, k))
+    uld = [p.uld_mask if p.uld_mask is not None else np.zeros(len(p), np.float32) for p in parts]
     return Batch(
         inputs=inputs,
         positions=np.concatenate(positions).astype(np.int32),
         labels=np.concatenate(labels).astype(np.int32),
-        targets=SoftTargets(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "logp", "tail", "lse_t", "kd_mask"))),
+        targets=SoftTargets(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "logp", "tail", "lse_t", "kd_mask")),
+                            uld_mask=np.concatenate(uld)),
     )
 
 
@@ -149,4 +152,4 @@ def pad_support(t: SoftTargets, k: int) -> SoftTargets:
     n = t.ids.shape[0]
     ids = np.concatenate([t.ids, np.repeat(t.ids[:, :1], extra, axis=1)], axis=1)
     logp = np.concatenate([t.logp, np.full((n, extra), -np.inf, np.float32)], axis=1)
-    return SoftTargets(ids, logp, t.tail, t.lse_t, t.kd_mask)
+    return SoftTargets(ids, logp, t.tail, t.lse_t, t.kd_mask, t.uld_mask)

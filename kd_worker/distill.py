@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +48,7 @@ class DistillRequest:
     overrides: dict[str, Any] = field(default_factory=dict)
     force_publish: bool = False
     job_id: str | None = None
+    reuse_outcome: bool = False  # queue retries of one submission: a finished run is not redone
 
 
 @dataclass
@@ -99,6 +103,9 @@ def teacher_responses(
         responses.append(hit)
         if hit is None:
             todo.append(i)
+    # resumed and retried jobs regenerate only what no earlier run cached (tests assert on this)
+    given = sum(ex.response is not None for ex in examples)
+    log.info("teacher_responses", given=given, cached=len(examples) - given - len(todo), to_generate=len(todo))
     sampler = T.make_sampler(cfg.gen_temperature, cfg.gen_top_k, cfg.gen_top_p, lm.n_tokens)
     for start in range(0, len(todo), cfg.gen_batch_size):
         _check(should_stop())
@@ -124,6 +131,7 @@ def teacher_targets(
     ]
     out: list[SoftTargets | None] = [cache.get_targets(k) for k in keys]
     todo = [i for i, t in enumerate(out) if t is None]
+    log.info("teacher_targets", cached=len(out) - len(todo), to_score=len(todo))
     done, batch, tokens = 0, [], 0
     for pos, i in enumerate(todo):
         batch.append(i)
@@ -205,10 +213,17 @@ def write_version(stage: Path, student: LoadedModel, cfg: KDConfig, store: DirCh
 
 
 def run_distillation(
-    req: DistillRequest, runtime: Runtime, settings: WorkerSettings, progress: ProgressFn, should_stop: StopFn
+    req: DistillRequest, runtime: Runtime, settings: WorkerSettings, progress: ProgressFn, should_stop: StopFn,
+    publish_guard: Callable[[], AbstractContextManager[str | None]] = contextlib.nullcontext,
 ) -> dict[str, Any]:
-    """The whole job; returns a JSON-ready outcome (published version, metrics, timings)."""
+    """The whole job; returns a JSON-ready outcome (published version, metrics, timings).
+    `publish_guard` wraps gate + publish: the queue worker uses it to publish the jobs of one
+    domain in submission order; it yields None to go ahead, or a reason to skip publishing."""
     t_start = time.perf_counter()
+    run_dir = settings.work_dir / "runs" / req.run_id
+    if req.reuse_outcome and (done := _read_outcome(run_dir)) is not None:
+        log.info("run_already_done", run_id=req.run_id, published=done.get("published"))
+        return done  # a retry after the job's bookkeeping (not its work) failed: never publish twice
     cfg = resolve_config(settings.kd_defaults, req.overrides)
     examples = load_examples(req.data, settings.max_examples)
     train_ex, val_ex = split_examples(examples, cfg.val_fraction, cfg.seed)
@@ -216,7 +231,7 @@ def run_distillation(
     cache = TargetCache(settings.work_dir / "cache")
     mx.reset_peak_memory()
     with runtime.student(req.student) as student:
-        plan = plan_vocabulary(teacher, student, allow_cross=False)
+        plan = plan_vocabulary(teacher, student, allow_cross=True)  # different tokenizers: kd_worker.xtok
         ordered = train_ex + val_ex
         prompts = _teacher_prompts(teacher, ordered, cfg)
         t0 = time.perf_counter()
@@ -227,29 +242,47 @@ def run_distillation(
         seqs = student_sequences(student, scored, cfg, plan)
         train_seqs, val_seqs = seqs[: len(train_ex)], seqs[len(train_ex) :]
         attach_lora(student.model, cfg)
-        store = DirCheckpointStore(settings.work_dir / "runs" / req.run_id / "checkpoints")
-        result = train(student, cfg, train_seqs, val_seqs, plan.n_vocab, store, progress, should_stop)
+        store = DirCheckpointStore(run_dir / "checkpoints")
+        result = train(student, cfg, train_seqs, val_seqs, plan.student_vocab, store, progress, should_stop)
         identity = _identity(teacher, student, cfg, plan)
         after = result.history["val"][-1] if result.history["val"] else {}
-        gate = _gate(student, val_seqs, cfg, plan, settings, req, after, identity, progress)
-        metrics = _metrics(result, gate, examples, train_seqs, val_seqs, targets, cache, teacher_s, plan, seqs)
-        outcome = {"domain": req.domain, "run_id": req.run_id, "gate": gate, "before": metrics["before"], "after": after}
-        if gate["decision"] == "reject" and not req.force_publish:
-            publisher.record_rejection(settings.adapters_dir, req.domain, {"job_id": req.job_id, **gate})
-            outcome.update(published=False, seconds=time.perf_counter() - t_start)
-            return outcome
-        entry = {"job_id": req.job_id, **identity, "metrics": {"before": metrics["before"], "after": after},
-                 "data": metrics["data"], "gate": gate, "forced": req.force_publish and gate["decision"] == "reject"}
-        config_doc = {"fine_tune_type": "lora", "num_layers": lora_layer_count(student.model, cfg),
-                      "lora_parameters": cfg.lora_parameters(), "kd": {"config": cfg.model_dump(mode="json"), **identity}}
-        progress(Progress("publish", 0, 1))
-        version = publisher.publish(settings.adapters_dir, req.domain,
-                                    lambda stage: write_version(stage, student, cfg, store, config_doc, metrics),
-                                    entry, keep=settings.keep_versions)
-    shutil.rmtree(settings.work_dir / "runs" / req.run_id, ignore_errors=True)
+        with publish_guard() as skip:
+            gate = {"decision": "skip", "reason": skip} if skip else _gate(
+                student, val_seqs, cfg, plan, settings, req, after, identity, progress)
+            metrics = _metrics(result, gate, examples, train_seqs, val_seqs, targets, cache, teacher_s, plan, seqs)
+            outcome = {"domain": req.domain, "run_id": req.run_id, "gate": gate, "before": metrics["before"], "after": after}
+            if skip or (gate["decision"] == "reject" and not req.force_publish):
+                if not skip:
+                    publisher.record_rejection(settings.adapters_dir, req.domain, {"job_id": req.job_id, **gate})
+                outcome.update(published=False, seconds=time.perf_counter() - t_start)
+                return _finish_run(run_dir, outcome)
+            entry = {"job_id": req.job_id, **identity, "metrics": {"before": metrics["before"], "after": after},
+                     "data": metrics["data"], "gate": gate, "forced": req.force_publish and gate["decision"] == "reject"}
+            config_doc = {"fine_tune_type": "lora", "num_layers": lora_layer_count(student.model, cfg),
+                          "lora_parameters": cfg.lora_parameters(), "kd": {"config": cfg.model_dump(mode="json"), **identity}}
+            progress(Progress("publish", 0, 1))
+            version = publisher.publish(settings.adapters_dir, req.domain,
+                                        lambda stage: write_version(stage, student, cfg, store, config_doc, metrics),
+                                        entry, keep=settings.keep_versions)
+            progress(Progress("publish", 1, 1))
     outcome.update(published=True, version=version.number, adapter_path=str(version.path),
                    seconds=time.perf_counter() - t_start)
     log.info("distillation_published", domain=req.domain, version=version.number, path=str(version.path))
+    return _finish_run(run_dir, outcome)
+
+
+def _read_outcome(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / "outcome.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _finish_run(run_dir: Path, outcome: dict[str, Any]) -> dict[str, Any]:
+    """Keep only the outcome of a finished run (checkpoints are in the published version)."""
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    publisher.write_json_atomic(run_dir / "outcome.json", outcome)
     return outcome
 
 
@@ -268,7 +301,7 @@ def _gate(student, val_seqs, cfg, plan, settings, req, after, identity, progress
     progress(Progress("validate", 0, 1))
     if not after:
         return {"decision": "publish", "reason": "no held-out data to compare on"}
-    return publish_gate(student, val_seqs, cfg, plan.n_vocab, settings, req.domain, after, identity)
+    return publish_gate(student, val_seqs, cfg, plan.student_vocab, settings, req.domain, after, identity)
 
 
 def _metrics(result, gate, examples, train_seqs, val_seqs, targets, cache, teacher_s, plan, seqs) -> dict[str, Any]:
@@ -286,4 +319,11 @@ def _metrics(result, gate, examples, train_seqs, val_seqs, targets, cache, teach
         "targets": {"tokens": n_target_tokens,
                     "bytes_per_token": (sum(cache.bytes_per_token(t) * len(t) for t in targets) / max(n_target_tokens, 1))},
         "vocabulary": {"mode": plan.mode, "notes": list(plan.notes)},
+        **({"xtok": _xtok_report(seqs)} if plan.mode == "cross" else {}),
     }
+
+
+def _xtok_report(seqs: Sequence[Sequence_]) -> dict[str, Any]:
+    from kd_worker import xtok
+
+    return xtok.coverage_report(seqs)

@@ -35,6 +35,8 @@ class LossSums(NamedTuple):
     ce: mx.array  # sum over positions of the CE at T=1
     kd_n: mx.array  # number of kd positions
     n: mx.array  # number of positions
+    uld: mx.array | float = 0.0  # sum over ULD positions (cross-tokenizer, unaligned) of `uld_distance`
+    uld_n: mx.array | float = 0.0  # number of ULD positions
 
 
 def log1mexp(x: mx.array) -> mx.array:
@@ -123,12 +125,27 @@ def loss_sums(
     return LossSums(kd=(d * t.kd_mask).sum(), ce=ce.sum(), kd_n=t.kd_mask.sum(), n=mx.array(ce.shape[0], mx.float32))
 
 
-def combine(s: LossSums, temperature: float, alpha: float) -> mx.array:
+def combine(s: LossSums, temperature: float, alpha: float, uld_weight: float = 1.0) -> mx.array:
     """alpha * T^2 * KD + (1 - alpha) * CE, each normalised per (kd / all) response token of the batch.
-    T^2 keeps the soft-target gradients on the CE's scale as T changes (Hinton et al. 2015)."""
-    kd = s.kd / mx.maximum(s.kd_n, 1.0)
+    T^2 keeps the soft-target gradients on the CE's scale as T changes (Hinton et al. 2015).
+    Cross-tokenizer ULD positions join the KD term, each counted as one teacher-guided token."""
+    kd = (temperature * temperature * s.kd + uld_weight * s.uld) / mx.maximum(s.kd_n + s.uld_n, 1.0)
     ce = s.ce / mx.maximum(s.n, 1.0)
-    return alpha * temperature * temperature * kd + (1.0 - alpha) * ce
+    return alpha * kd + (1.0 - alpha) * ce
+
+
+def uld_distance(logits: mx.array, logp: mx.array, lse_t: mx.array, temperature: float) -> mx.array:
+    """Universal Logit Distillation (Boizard et al. 2024) per position [M]: L1 between the teacher's and
+    the student's probabilities sorted in decreasing order, so no token id is compared. Truncated to
+    the teacher's K support slots plus one bucket for the mass beyond them; equals the full sorted
+    L1 when K = V. The student side is a top-K (no full-vocabulary sort), rows gathered by the caller."""
+    k = min(logp.shape[-1], logits.shape[-1])
+    z = logits.astype(mx.float32) if temperature == 1.0 else logits.astype(mx.float32) / temperature
+    top = -mx.sort(-mx.topk(z, k, axis=-1), axis=-1)  # [M, k] decreasing
+    q = mx.exp(top - mx.logsumexp(z, axis=-1, keepdims=True))
+    lp = logp[:, :k] if temperature == 1.0 else logp[:, :k] / temperature - lse_t[:, None]
+    p = mx.exp(lp)  # exp(-inf) = 0 on padding slots; no gradient flows to the teacher
+    return mx.abs(p - q).sum(axis=-1) + mx.abs(p.sum(axis=-1) - q.sum(axis=-1))
 
 
 def agreement_sums(logits: mx.array, t: Targets) -> tuple[mx.array, mx.array]:

@@ -12,6 +12,8 @@ The set mirrors the real pairings the engine must handle:
                  (like Qwen2.5-3B: 151,936 rows), tied embeddings
   student-llama  Llama architecture, a *different* tokenizer (other vocabulary size, adds a
                  BOS, Llama-3 chat template)
+  student-sp     Llama architecture, a sentencepiece-style tokenizer (Llama-2/Mistral: "▁" word
+                 marks, a dummy-prefix space, byte-fallback pieces, [INST] template)
   *-4bit/-8bit   mlx-lm quantized variants (QLoRA students, quantized teachers)
 """
 
@@ -95,12 +97,38 @@ LLAMA_TOKENIZER = TokenizerSpec(
     chat_template=LLAMA3_TEMPLATE,
 )
 
+
+@dataclass(frozen=True)
+class SentencePieceSpec(TokenizerSpec):
+    """A sentencepiece-style BPE: Metaspace ("▁", dummy prefix), byte fallback <0x00>..<0xFF>."""
+
+    kind: str = "sentencepiece"  # part of the digest: another builder than the byte-level one
+
+
+LLAMA2_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}{{- ' ' + message['content'] | trim + ' ' + eos_token }}"
+    "{%- else %}{{- '[INST] ' + message['content'] | trim + ' [/INST]' }}{%- endif %}"
+    "{%- endfor %}"
+)
+SP_TOKENIZER = SentencePieceSpec(
+    name="sp-1000",
+    vocab_size=1000,
+    specials=("<unk>", "<s>", "</s>"),
+    eos="</s>",
+    pad="<unk>",
+    bos="<s>",
+    chat_template=LLAMA2_TEMPLATE,
+)
+
 SPECS = {
     s.name: s
     for s in (
         ModelSpec("teacher", "qwen2", QWEN_TOKENIZER, 256, 4, 4, 2, 512, extra_rows=88, tie_embeddings=False, seed=1),
         ModelSpec("student", "qwen2", QWEN_TOKENIZER, 128, 2, 4, 2, 256, extra_rows=24, tie_embeddings=True, seed=2),
         ModelSpec("student-llama", "llama", LLAMA_TOKENIZER, 128, 2, 4, 2, 256, extra_rows=32, tie_embeddings=True, seed=3),
+        ModelSpec("student-sp", "llama", SP_TOKENIZER, 128, 2, 4, 2, 256, extra_rows=8, tie_embeddings=True, seed=4),
     )
 }
 QUANTIZED = {"teacher-4bit": ("teacher", 4), "teacher-8bit": ("teacher", 8), "student-4bit": ("student", 4)}
@@ -121,6 +149,8 @@ def train_tokenizer(spec: TokenizerSpec, text: str):
     """A byte-level BPE tokenizer (GPT-2/Qwen/Llama-3 style) trained on `text`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+    if isinstance(spec, SentencePieceSpec):
+        return train_sp_tokenizer(spec, text)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -137,6 +167,31 @@ def train_tokenizer(spec: TokenizerSpec, text: str):
         )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def train_sp_tokenizer(spec: SentencePieceSpec, text: str):
+    """A sentencepiece-style BPE trained on `text`, laid out like a converted Llama-2/Mistral
+    tokenizer.json: specials, then the 256 byte pieces, then the learned pieces."""
+    from tokenizers import Tokenizer, pre_tokenizers, processors, trainers
+    from tokenizers import models as tmodels
+
+    base = Tokenizer(tmodels.BPE())
+    base.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size - 256, special_tokens=list(spec.specials), show_progress=False)
+    base.train_from_iterator(text.split("\n\n"), trainer=trainer)
+    doc = json.loads(base.to_str())
+    n_sp, learned = len(spec.specials), doc["model"]["vocab"]
+    vocab = {tok: i for tok, i in learned.items() if i < n_sp}
+    vocab.update({f"<0x{b:02X}>": n_sp + b for b in range(256)})
+    vocab.update({tok: i + 256 for tok, i in learned.items() if i >= n_sp})
+    doc["model"].update(vocab=vocab, byte_fallback=True, unk_token=spec.specials[0])
+    doc["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
+        {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    tok = Tokenizer.from_str(json.dumps(doc))
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{spec.bos} $A", pair=f"{spec.bos} $A {spec.bos} $B", special_tokens=[(spec.bos, tok.token_to_id(spec.bos))])
     return tok
 
 

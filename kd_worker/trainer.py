@@ -94,9 +94,17 @@ def to_mx_targets(b: Batch) -> L.Targets:
     )
 
 
-def batch_sums(lm: LoadedModel, inputs: mx.array, positions: mx.array, t: L.Targets, n_vocab: int, cfg: KDConfig) -> L.LossSums:
+def uld_rows(b: Batch) -> mx.array:
+    """Rows of the batch scored with ULD (cross-tokenizer positions without an alignment); often none."""
+    m = b.targets.uld_mask
+    return mx.array(np.zeros(0, np.int32) if m is None else np.flatnonzero(m > 0).astype(np.int32))
+
+
+def batch_sums(lm: LoadedModel, inputs: mx.array, positions: mx.array, t: L.Targets, n_vocab: int, cfg: KDConfig,
+               uld: mx.array | None = None) -> L.LossSums:
     """Loss sums for one batch. The LM head runs only on response positions, in chunks that are
-    recomputed in the backward pass (mx.checkpoint) once [positions, V] would exceed the budget."""
+    recomputed in the backward pass (mx.checkpoint) once [positions, V] would exceed the budget.
+    `uld` rows get a second, small head pass: the student's top-k runs on them alone."""
     h = hidden_at(lm, inputs, positions)
     n = h.shape[0]
     chunk = max(1, LOSS_CHUNK_ELEMENTS // max(n_vocab, 1))
@@ -104,15 +112,19 @@ def batch_sums(lm: LoadedModel, inputs: mx.array, positions: mx.array, t: L.Targ
     def part(hc, ids, logp, tail, lse_t, labels, kd_mask):
         sums = L.loss_sums(head_logits(lm, hc, n_vocab), L.Targets(ids, logp, tail, lse_t, labels, kd_mask),
                            cfg.temperature, cfg.divergence, cfg.jsd_beta)
-        return list(sums)
+        return list(sums)[:4]
 
     if n <= chunk:
-        return L.LossSums(*part(h, *t))
-    fn = mx.checkpoint(part)
-    acc = [mx.array(0.0)] * 4
-    for s in range(0, n, chunk):
-        acc = [a + b for a, b in zip(acc, fn(h[s : s + chunk], *(x[s : s + chunk] for x in t)))]
-    return L.LossSums(*acc)
+        acc = part(h, *t)
+    else:
+        fn = mx.checkpoint(part)
+        acc = [mx.array(0.0)] * 4
+        for s in range(0, n, chunk):
+            acc = [a + b for a, b in zip(acc, fn(h[s : s + chunk], *(x[s : s + chunk] for x in t)))]
+    if uld is None or uld.shape[0] == 0:
+        return L.LossSums(*acc, uld=mx.array(0.0), uld_n=mx.array(0.0))
+    d = L.uld_distance(head_logits(lm, h[uld], n_vocab), t.logp[uld], t.lse_t[uld], cfg.temperature)
+    return L.LossSums(*acc, uld=d.sum(), uld_n=mx.array(float(uld.shape[0])))
 
 
 def evaluate(lm: LoadedModel, seqs: Sequence[Sequence_], cfg: KDConfig, n_vocab: int) -> dict[str, float]:
@@ -121,23 +133,28 @@ def evaluate(lm: LoadedModel, seqs: Sequence[Sequence_], cfg: KDConfig, n_vocab:
         return {}
     was_training = lm.model.training
     lm.model.eval()
-    tot = np.zeros(6)
+    tot = np.zeros(8)
     for idx in batch_plan([len(s.tokens) for s in seqs], cfg.batch_size):
         b = collate([seqs[i] for i in idx])
         x, pos, t = mx.array(b.inputs), mx.array(b.positions), to_mx_targets(b)
-        sums = batch_sums(lm, x, pos, t, n_vocab, cfg)
+        sums = batch_sums(lm, x, pos, t, n_vocab, cfg, uld_rows(b))
         kl, top1 = L.agreement_sums(head_logits(lm, hidden_at(lm, x, pos), n_vocab), t)
         mx.eval(*sums, kl, top1)
-        tot += [sums.kd.item(), sums.ce.item(), sums.kd_n.item(), sums.n.item(), kl.item(), top1.item()]
+        tot += [sums.kd.item(), sums.ce.item(), sums.kd_n.item(), sums.n.item(), kl.item(), top1.item(),
+                sums.uld.item(), sums.uld_n.item()]
     if was_training:
         lm.model.train()
-    kd_sum, ce_sum, kd_n, n, kl, top1 = tot
+    kd_sum, ce_sum, kd_n, n, kl, top1, uld_sum, uld_n = tot
     kd, ce = kd_sum / max(kd_n, 1), ce_sum / max(n, 1)
-    return {
+    teach = (cfg.temperature**2 * kd_sum + cfg.xtok_uld_weight * uld_sum) / max(kd_n + uld_n, 1)
+    out = {
         "kd": kd, "ce": ce,
-        "total": cfg.alpha * cfg.temperature**2 * kd + (1 - cfg.alpha) * ce,
+        "total": cfg.alpha * teach + (1 - cfg.alpha) * ce,
         "kl": kl / max(kd_n, 1), "top1": top1 / max(kd_n, 1), "tokens": n,
     }
+    if uld_n:  # cross-tokenizer runs: unaligned positions and the share aligned (KL/top-1 are over aligned ones)
+        out.update(uld=uld_sum / uld_n, aligned=kd_n / max(n, 1))
+    return out
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
@@ -189,16 +206,16 @@ def train(
     if start >= cfg.iterations:
         return TrainResult(history, start, start, 0.0, 0)
 
-    def loss_fn(model, x, pos, t):
-        sums = batch_sums(lm, x, pos, t, n_vocab, cfg)
-        return L.combine(sums, cfg.temperature, cfg.alpha), sums
+    def loss_fn(model, x, pos, t, uld):
+        sums = batch_sums(lm, x, pos, t, n_vocab, cfg, uld)
+        return L.combine(sums, cfg.temperature, cfg.alpha, cfg.xtok_uld_weight), sums
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, opt.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step_fn(x, pos, t):
-        (loss, sums), grads = value_and_grad(model, x, pos, L.Targets(*t))
+    def step_fn(x, pos, t, uld):
+        (loss, sums), grads = value_and_grad(model, x, pos, L.Targets(*t), uld)
         opt.update(model, grads)
         return loss, tuple(sums)
 
@@ -211,7 +228,7 @@ def train(
             raise JobCanceled(f"canceled at step {step} of {cfg.iterations}")
         mx.random.seed(step_seed(cfg.seed, step))
         b = collate([train_seqs[i] for i in batch_for_step(plan, step, cfg.seed)])
-        loss, sums = step_fn(mx.array(b.inputs), mx.array(b.positions), tuple(to_mx_targets(b)))
+        loss, sums = step_fn(mx.array(b.inputs), mx.array(b.positions), tuple(to_mx_targets(b)), uld_rows(b))
         mx.eval(state, loss, sums)
         sums = L.LossSums(*sums)
         done = step + 1
@@ -220,6 +237,8 @@ def train(
         rate = tokens / (time.perf_counter() - t0)
         row = {"step": done, "loss": loss.item(), "kd": sums.kd.item() / max(sums.kd_n.item(), 1),
                "ce": sums.ce.item() / max(sums.n.item(), 1), "tokens": b.n_tokens}
+        if sums.uld_n.item():
+            row["uld"] = sums.uld.item() / sums.uld_n.item()
         history["train"].append(row)
         if done % cfg.val_every == 0 or done == cfg.iterations:
             history["val"].append({"step": done, **evaluate(lm, val_seqs, cfg, n_vocab)})

@@ -1,0 +1,246 @@
+"""jobs/publisher.py: immutable versions, the pointer swap, links, manifest, summary, retention,
+rollback, failures mid-publish and unsafe domains. Plain files, no mlx."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs import publisher
+from jobs.errors import PublishError, SecurityError
+
+FILES = ("adapters.safetensors", "adapter_config.json", "kd_metrics.json")
+
+
+def writer(tag: int, checkpoint: int | None = None):
+    """A `write(stage)` callback: every file names its tag, so mixing versions would show."""
+    def write(stage: Path) -> None:
+        (stage / "adapters.safetensors").write_bytes(f"weights-{tag}".encode() * 100)
+        (stage / "adapter_config.json").write_text(json.dumps({"num_layers": 2, "tag": tag}))
+        (stage / "kd_metrics.json").write_text(json.dumps({"tag": tag}))
+        if checkpoint is not None:
+            (stage / f"checkpoint_{checkpoint}").mkdir()
+            (stage / f"checkpoint_{checkpoint}" / "adapters.safetensors").write_bytes(b"ckpt")
+    return write
+
+
+def publish(root: Path, tag: int, domain: str = "memory", keep: int = 5, **kw) -> publisher.Version:
+    return publisher.publish(root, domain, writer(tag, **kw), {"metrics": {"kl": 1.0 / tag}, "tag": tag}, keep=keep)
+
+
+def snapshot(version_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(version_dir)): p.read_bytes() for p in sorted(version_dir.rglob("*")) if p.is_file()}
+
+
+def visible(root: Path, domain: str = "memory") -> list[str]:
+    """What a reader can stumble on: everything but the lock files."""
+    d = root / domain
+    return sorted(p.name for p in d.iterdir() if not p.name.endswith(".lock") and p.name != ".lock")
+
+
+def test_publish_makes_an_immutable_verified_version_and_swaps_the_pointer(tmp_path):
+    v1 = publish(tmp_path, 1)
+    assert (v1.number, v1.path) == (1, tmp_path / "memory" / "versions" / "0001")
+    assert os.readlink(tmp_path / "memory" / "current") == "versions/0001"
+    manifest = publisher.verify(v1.path)
+    assert set(manifest["files"]) == set(FILES)
+    assert manifest["files"]["kd_metrics.json"]["size"] == (v1.path / "kd_metrics.json").stat().st_size
+    before = snapshot(v1.path)
+
+    v2 = publish(tmp_path, 2)
+    assert publisher.resolve(tmp_path, "memory") == v2
+    assert snapshot(v1.path) == before  # an older version is never touched
+    assert json.loads((v2.path / "kd_metrics.json").read_text()) == {"tag": 2}
+    assert not list((tmp_path / "memory").glob(".staging-*"))
+
+
+def test_compat_links_give_the_seed_layout_of_the_current_version(tmp_path):
+    publish(tmp_path, 1, checkpoint=10)
+    d = tmp_path / "memory"
+    for name in FILES + ("manifest.json", "checkpoint_10"):
+        assert (d / name).is_symlink() and (d / name).exists(), name
+    assert json.loads((d / "adapter_config.json").read_text())["tag"] == 1
+    publish(tmp_path, 2)  # no checkpoint in v2: its link must not dangle
+    assert json.loads((d / "adapter_config.json").read_text())["tag"] == 2
+    assert (d / "adapters.safetensors").read_bytes() == (d / "versions" / "0002" / "adapters.safetensors").read_bytes()
+    assert not (d / "checkpoint_10").is_symlink()
+
+
+def test_verify_refuses_a_modified_truncated_or_malformed_version(tmp_path):
+    v = publish(tmp_path, 1)
+    (v.path / "kd_metrics.json").write_text(json.dumps({"tag": 9}))  # same size, other bytes
+    with pytest.raises(PublishError, match="does not match its manifest"):
+        publisher.verify(v.path)
+    w = publish(tmp_path, 2)
+    with open(w.path / "adapters.safetensors", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(PublishError, match="does not match"):
+        publisher.verify(w.path)
+    x = publish(tmp_path, 3)
+    (x.path / "manifest.json").write_text(json.dumps({"files": ["not", "a", "dict"]}))
+    with pytest.raises(PublishError, match="malformed"):
+        publisher.verify(x.path)
+
+
+def test_summary_records_each_domain_and_its_history(tmp_path):
+    publish(tmp_path, 1)
+    publish(tmp_path, 2)
+    publish(tmp_path, 7, domain="task")
+    summary = publisher.read_summary(tmp_path)
+    mem, task = summary["domains"]["memory"], summary["domains"]["task"]
+    assert (mem["version"], mem["path"], mem["history"], mem["tag"]) == (2, "memory/versions/0002", [1, 2], 2)
+    assert mem["metrics"] == {"kl": 0.5} and "published_at" in mem and "updated_at" in summary
+    assert (task["version"], task["tag"]) == (1, 7)
+    publisher.record_rejection(tmp_path, "memory", {"decision": "reject", "candidate_kl": 2.0, "published_kl": 1.0})
+    mem = publisher.read_summary(tmp_path)["domains"]["memory"]
+    assert mem["version"] == 2 and mem["last_rejected"]["candidate_kl"] == 2.0
+
+
+COUNTER = """
+import sys
+from jobs import publisher
+root, domain, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for _ in range(n):
+    publisher.update_summary(root, domain, lambda old: {**old, "n": old.get("n", 0) + 1})
+"""
+
+
+def test_summary_updates_from_several_processes_are_never_lost(tmp_path):
+    # 4 writers x 25 read-modify-writes of the same entry: a missing lock loses increments.
+    procs = [subprocess.Popen([sys.executable, "-c", COUNTER, str(tmp_path), d, "25"])
+             for d in ("memory", "memory", "task", "task")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    domains = publisher.read_summary(tmp_path)["domains"]
+    assert domains["memory"]["n"] == 50 and domains["task"]["n"] == 50
+    assert not list(tmp_path.glob(".kd_summary.json.*.tmp"))
+
+
+def test_retention_keeps_the_last_n_versions(tmp_path):
+    for tag in range(1, 6):
+        publish(tmp_path, tag, keep=3)
+    assert [v.number for v in publisher.versions(tmp_path, "memory")] == [3, 4, 5]
+    assert publisher.resolve(tmp_path, "memory").number == 5
+    publisher.rollback(tmp_path, "memory", to=3)
+    publish(tmp_path, 6, keep=1)
+    assert [v.number for v in publisher.versions(tmp_path, "memory")] == [6]
+
+
+def test_rollback_to_the_previous_or_a_named_version(tmp_path):
+    for tag in (1, 2, 3):
+        publish(tmp_path, tag)
+    back = publisher.rollback(tmp_path, "memory")
+    assert back.number == 2 and publisher.resolve(tmp_path, "memory").number == 2
+    assert json.loads((tmp_path / "memory" / "kd_metrics.json").read_text()) == {"tag": 2}
+    entry = publisher.read_summary(tmp_path)["domains"]["memory"]
+    assert (entry["version"], entry["rolled_back_from"], entry["tag"]) == (2, 3, 2)
+    assert publisher.rollback(tmp_path, "memory", to=3).number == 3
+    assert publisher.rollback(tmp_path, "memory", to=1).number == 1
+    with pytest.raises(PublishError, match="oldest"):
+        publisher.rollback(tmp_path, "memory")
+
+
+def test_rollback_refuses_missing_or_corrupt_versions_and_keeps_the_pointer(tmp_path):
+    with pytest.raises(PublishError, match="nothing is published"):
+        publisher.rollback(tmp_path, "memory")
+    v1 = publish(tmp_path, 1)
+    publish(tmp_path, 2)
+    with pytest.raises(PublishError, match="no version 9"):
+        publisher.rollback(tmp_path, "memory", to=9)
+    (v1.path / "adapters.safetensors").write_bytes(b"bit rot")
+    with pytest.raises(PublishError, match="does not match"):
+        publisher.rollback(tmp_path, "memory")
+    assert publisher.resolve(tmp_path, "memory").number == 2
+    assert not [p for p in (tmp_path / "memory").iterdir() if p.name.startswith(".current.")]
+
+
+def _fails_like(exc: BaseException):
+    def write(stage: Path) -> None:
+        writer(99)(stage)
+        raise exc
+    return write
+
+
+@pytest.mark.parametrize("exc, error", [
+    (RuntimeError("serializer bug"), RuntimeError),
+    (OSError(errno.ENOSPC, "No space left on device"), PublishError),
+])
+def test_a_failing_write_leaves_the_previous_version_and_no_debris(tmp_path, exc, error):
+    publish(tmp_path, 1)
+    before = visible(tmp_path)
+    with pytest.raises(error) as info:
+        publisher.publish(tmp_path, "memory", _fails_like(exc), {})
+    if error is PublishError:
+        assert "disk full" in str(info.value) and "previous version stays current" in str(info.value)
+    assert publisher.resolve(tmp_path, "memory").number == 1
+    assert visible(tmp_path) == before
+    assert [v.number for v in publisher.versions(tmp_path, "memory")] == [1]
+    assert publish(tmp_path, 2).number == 2  # and the next publish works
+
+
+def _failing(monkeypatch, name: str, when) -> None:
+    real = getattr(os, name)
+
+    def fake(*args, **kwargs):
+        if when(*args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(publisher.os, name, fake)
+
+
+@pytest.mark.parametrize("step", ["fsync", "rename", "pointer"])
+def test_a_failure_at_each_step_keeps_the_previous_version_current(tmp_path, monkeypatch, step):
+    publish(tmp_path, 1)
+    before = visible(tmp_path)
+    snap = snapshot(tmp_path / "memory" / "versions" / "0001")
+    if step == "fsync":
+        _failing(monkeypatch, "fsync", lambda fd: True)
+    elif step == "rename":
+        _failing(monkeypatch, "rename", lambda src, dst: Path(src).name.startswith(".staging-"))
+    else:
+        _failing(monkeypatch, "replace", lambda src, dst: Path(dst).name == publisher.POINTER)
+    with pytest.raises(PublishError, match="previous version stays current"):
+        publish(tmp_path, 2)
+    monkeypatch.undo()
+    assert publisher.resolve(tmp_path, "memory").number == 1
+    assert visible(tmp_path) == before
+    assert [v.number for v in publisher.versions(tmp_path, "memory")] == [1]
+    assert snapshot(tmp_path / "memory" / "versions" / "0001") == snap
+    assert publisher.read_summary(tmp_path)["domains"]["memory"]["version"] == 1
+
+
+def test_staging_debris_of_a_crashed_publish_is_cleaned_by_the_next(tmp_path):
+    publish(tmp_path, 1)
+    crashed = tmp_path / "memory" / ".staging-deadbeef"
+    crashed.mkdir()
+    (crashed / "adapters.safetensors").write_bytes(b"half")
+    publish(tmp_path, 2)
+    assert not crashed.exists()
+
+
+@pytest.mark.parametrize("domain", ["../evil", "a/b", "", "Memory", ".hidden", "x" * 40, "/abs"])
+def test_unsafe_domain_names_are_refused(tmp_path, domain):
+    with pytest.raises(SecurityError):
+        publisher.publish(tmp_path, domain, writer(1), {})
+    with pytest.raises(SecurityError):
+        publisher.rollback(tmp_path, domain)
+    with pytest.raises(SecurityError):
+        publisher.resolve(tmp_path, domain)
+    assert not any(tmp_path.iterdir()) and not (tmp_path.parent / "evil").exists()
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_a_domain_dir_linked_out_of_the_root_is_refused(tmp_path, dangling):
+    root, outside = tmp_path / "adapters_kd", tmp_path / "outside"
+    root.mkdir()
+    if not dangling:
+        outside.mkdir()
+    os.symlink(outside, root / "memory")
+    with pytest.raises(SecurityError, match="outside"):
+        publisher.publish(root, "memory", writer(1), {})
+    assert not outside.exists() or not any(outside.iterdir())
