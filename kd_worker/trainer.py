@@ -100,31 +100,94 @@ def uld_rows(b: Batch) -> mx.array:
     return mx.array(np.zeros(0, np.int32) if m is None else np.flatnonzero(m > 0).astype(np.int32))
 
 
-def batch_sums(lm: LoadedModel, inputs: mx.array, positions: mx.array, t: L.Targets, n_vocab: int, cfg: KDConfig,
-               uld: mx.array | None = None) -> L.LossSums:
-    """Loss sums for one batch. The LM head runs only on response positions, in chunks that are
-    recomputed in the backward pass (mx.checkpoint) once [positions, V] would exceed the budget.
-    `uld` rows get a second, small head pass: the student's top-k runs on them alone."""
-    h = hidden_at(lm, inputs, positions)
-    n = h.shape[0]
-    chunk = max(1, LOSS_CHUNK_ELEMENTS // max(n_vocab, 1))
+def _chunk(n_vocab: int) -> int:
+    return max(1, LOSS_CHUNK_ELEMENTS // max(n_vocab, 1))
 
+
+def head_sums(lm: LoadedModel, h: mx.array, t: L.Targets, n_vocab: int, cfg: KDConfig) -> list[mx.array]:
+    """[kd, ce, kd_n, n] sums through autodiff (any divergence). The LM head runs only on response
+    positions, in chunks recomputed in the backward pass (mx.checkpoint) past the memory budget."""
     def part(hc, ids, logp, tail, lse_t, labels, kd_mask):
+        # mx.checkpoint differentiates w.r.t. every input; integer ids have no gradient
+        ids, labels = mx.stop_gradient(ids), mx.stop_gradient(labels)
         sums = L.loss_sums(head_logits(lm, hc, n_vocab), L.Targets(ids, logp, tail, lse_t, labels, kd_mask),
                            cfg.temperature, cfg.divergence, cfg.jsd_beta)
         return list(sums)[:4]
 
+    n, chunk = h.shape[0], _chunk(n_vocab)
     if n <= chunk:
-        acc = part(h, *t)
-    else:
-        fn = mx.checkpoint(part)
-        acc = [mx.array(0.0)] * 4
-        for s in range(0, n, chunk):
-            acc = [a + b for a, b in zip(acc, fn(h[s : s + chunk], *(x[s : s + chunk] for x in t)))]
+        return part(h, *t)
+    fn = mx.checkpoint(part)
+    acc = [mx.array(0.0)] * 4
+    for s in range(0, n, chunk):
+        acc = [a + b for a, b in zip(acc, fn(h[s : s + chunk], *(x[s : s + chunk] for x in t)))]
+    return acc
+
+
+def uld_sums(lm: LoadedModel, h: mx.array, t: L.Targets, uld: mx.array | None, n_vocab: int,
+             cfg: KDConfig) -> tuple[mx.array, mx.array]:
+    """ULD rows (cross-tokenizer, unaligned) get a second, small head pass; often there are none."""
     if uld is None or uld.shape[0] == 0:
-        return L.LossSums(*acc, uld=mx.array(0.0), uld_n=mx.array(0.0))
+        return mx.array(0.0), mx.array(0.0)
     d = L.uld_distance(head_logits(lm, h[uld], n_vocab), t.logp[uld], t.lse_t[uld], cfg.temperature)
-    return L.LossSums(*acc, uld=d.sum(), uld_n=mx.array(float(uld.shape[0])))
+    return d.sum(), mx.array(float(uld.shape[0]))
+
+
+def batch_sums(lm: LoadedModel, inputs: mx.array, positions: mx.array, t: L.Targets, n_vocab: int, cfg: KDConfig,
+               uld: mx.array | None = None) -> L.LossSums:
+    h = hidden_at(lm, inputs, positions)
+    return L.LossSums(*head_sums(lm, h, t, n_vocab, cfg), *uld_sums(lm, h, t, uld, n_vocab, cfg))
+
+
+def fused_ok(lm: LoadedModel, cfg: KDConfig) -> bool:
+    """The fused path covers forward KL with a frozen LM head (LoRA never adapts the head by default)."""
+    head = getattr(lm.model, "lm_head", None) or lm.model.model.embed_tokens
+    return cfg.divergence == "forward_kl" and not tree_flatten(head.trainable_parameters())
+
+
+def fused_head_loss(lm: LoadedModel, h: mx.array, t: L.Targets, n_vocab: int, cfg: KDConfig,
+                    kd_w: mx.array, ce_w: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """(kd_w * sum KL + ce_w * sum CE, sum KL, sum CE) with dL/dh computed in the forward pass:
+    per chunk the logits, one exp, the loss and its closed-form logit gradient
+    (losses.forward_kl_ce_grad), then dL/dh through the head. No [N, V] array outlives its chunk
+    and nothing is recomputed in the backward pass (autodiff + checkpointing does it all twice)."""
+    def head(hc):
+        return head_logits(lm, hc, n_vocab)
+
+    @mx.custom_function
+    def fused(h, ids, logp, tail, lse_t, labels, kd_mask, kd_w, ce_w):
+        kl_sum, ce_sum, dh = mx.array(0.0), mx.array(0.0), []
+        for s in range(0, h.shape[0], _chunk(n_vocab)):
+            hc = h[s : s + _chunk(n_vocab)]
+            tc = L.Targets(*(x[s : s + hc.shape[0]] for x in (ids, logp, tail, lse_t, labels, kd_mask)))
+            kl, ce, g = L.forward_kl_ce_grad(head(hc), tc, cfg.temperature, kd_w, ce_w)
+            kl_sum, ce_sum = kl_sum + (kl * tc.kd_mask).sum(), ce_sum + ce.sum()
+            dh.append(mx.vjp(head, [hc], [g])[1][0])  # lazy: only the backward matmul is evaluated
+        return kd_w * kl_sum + ce_w * ce_sum, kl_sum, ce_sum, mx.concatenate(dh)
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        return (cotangents[0] * outputs[3],) + tuple(mx.zeros_like(p) for p in primals[1:])
+
+    total, kl_sum, ce_sum, _ = fused(h, *t, kd_w, ce_w)
+    return total, kl_sum, ce_sum
+
+
+def train_loss(lm: LoadedModel, x: mx.array, pos: mx.array, t: L.Targets, n_vocab: int, cfg: KDConfig,
+               uld: mx.array | None = None) -> tuple[mx.array, L.LossSums]:
+    """The training objective (losses.combine) and its sums; fused when the configuration allows."""
+    h = hidden_at(lm, x, pos)
+    uld_sum, uld_n = uld_sums(lm, h, t, uld, n_vocab, cfg)
+    if not fused_ok(lm, cfg):
+        sums = L.LossSums(*head_sums(lm, h, t, n_vocab, cfg), uld_sum, uld_n)
+        return L.combine(sums, cfg.temperature, cfg.alpha, cfg.xtok_uld_weight), sums
+    kd_n, n = t.kd_mask.sum(), mx.array(float(h.shape[0]))
+    denom = mx.maximum(kd_n + uld_n, 1.0)
+    kd_w = mx.stop_gradient(cfg.alpha * cfg.temperature**2 / denom)
+    ce_w = mx.stop_gradient((1.0 - cfg.alpha) / mx.maximum(n, 1.0))
+    total, kl_sum, ce_sum = fused_head_loss(lm, h, t, n_vocab, cfg, kd_w, ce_w)
+    loss = total + cfg.alpha * cfg.xtok_uld_weight * uld_sum / denom
+    return loss, L.LossSums(mx.stop_gradient(kl_sum), mx.stop_gradient(ce_sum), kd_n, n, uld_sum, uld_n)
 
 
 def evaluate(lm: LoadedModel, seqs: Sequence[Sequence_], cfg: KDConfig, n_vocab: int) -> dict[str, float]:
@@ -180,6 +243,26 @@ def _check_finite(value: float, step: int, cfg: KDConfig, last_saved: int) -> No
         )
 
 
+def make_step(lm: LoadedModel, cfg: KDConfig, n_vocab: int, opt: optim.Optimizer):
+    """The compiled training step (forward, KD+CE loss, backward, Adam update) and the state it
+    carries: step(x, pos, targets_tuple, uld_rows) -> (loss, loss sums). bench/step.py times this."""
+    model = lm.model
+
+    def loss_fn(model, x, pos, t, uld):
+        return train_loss(lm, x, pos, t, n_vocab, cfg, uld)
+
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, opt.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step_fn(x, pos, t, uld):
+        (loss, sums), grads = value_and_grad(model, x, pos, L.Targets(*t), uld)
+        opt.update(model, grads)
+        return loss, tuple(sums)
+
+    return step_fn, state
+
+
 def train(
     lm: LoadedModel,
     cfg: KDConfig,
@@ -205,19 +288,7 @@ def train(
         history["val"].append({"step": 0, **evaluate(lm, val_seqs, cfg, n_vocab)})
     if start >= cfg.iterations:
         return TrainResult(history, start, start, 0.0, 0)
-
-    def loss_fn(model, x, pos, t, uld):
-        sums = batch_sums(lm, x, pos, t, n_vocab, cfg, uld)
-        return L.combine(sums, cfg.temperature, cfg.alpha, cfg.xtok_uld_weight), sums
-
-    value_and_grad = nn.value_and_grad(model, loss_fn)
-    state = [model.state, opt.state, mx.random.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step_fn(x, pos, t, uld):
-        (loss, sums), grads = value_and_grad(model, x, pos, L.Targets(*t), uld)
-        opt.update(model, grads)
-        return loss, tuple(sums)
+    step_fn, state = make_step(lm, cfg, n_vocab, opt)
 
     t0, tokens, last_saved = time.perf_counter(), 0, start
     for step in range(start, cfg.iterations):
