@@ -32,6 +32,7 @@ import structlog
 
 from jobs.errors import ConfigError, DataError, KDError
 from jobs.models import check_domain
+from jobs.publisher import write_json_atomic
 from jobs.records import Record, dump_records, parse_record
 from kd_client import queue as Q
 from kd_client.settings import ClientSettings
@@ -124,7 +125,7 @@ class KDClient:
                 continue
             path.unlink()
             done[path.name] = Receipt(sub.job_id, False, sub.duplicate)
-            log.info("kd_submitted", job_id=sub.job_id, duplicate=sub.duplicate)
+            log.debug("kd_submitted", job_id=sub.job_id, duplicate=sub.duplicate)
         return done
 
     # --- internals ------------------------------------------------------------------------------
@@ -148,12 +149,7 @@ class KDClient:
 
     def _write_outbox(self, entry: dict[str, Any]) -> Path:
         path = self.spool / "outbox" / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
-        tmp = path.with_name("." + path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(entry, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_json_atomic(path, entry)  # fsynced before it counts as accepted
         return path
 
     def _deliver_one(self, path: Path) -> Q.Submitted:

@@ -163,8 +163,7 @@ def build_qwen_tokenizer(out: Path) -> Path:
 def build_qwen_model(out: Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
     """A tiny random qwen2 model over the real vocabulary (151,936 embedding rows, tied): the
     teacher-side shape of Qwen2.5 for coverage measurements and benchmarks, not a language model."""
-    import mlx.core as mx
-    from mlx_lm.utils import _get_classes, save_config, save_model
+    from kd_worker.tinymodels import copy_tokenizer, random_model, save_model_dir
 
     tok_dir = build_qwen_tokenizer(Path(out) / "tokenizer")
     cfg = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": hidden_size,
@@ -172,20 +171,7 @@ def build_qwen_model(out: Path, hidden_size: int = 64, num_layers: int = 2, seed
            "intermediate_size": 2 * hidden_size, "vocab_size": QWEN_EMBED_ROWS, "rms_norm_eps": 1e-6,
            "rope_theta": 1_000_000.0, "max_position_embeddings": 32768, "tie_word_embeddings": True,
            "eos_token_id": QWEN_FIRST_SPECIAL + 2, "torch_dtype": "float32"}
-    model_cls, args_cls = _get_classes(cfg)
-    mx.random.seed(seed)
-    model = model_cls(args_cls.from_dict(cfg))
-    mx.eval(model.parameters())
-    stage = Path(out) / "model.partial"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    save_model(stage, model)
-    save_config(dict(cfg), stage / "config.json")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(tok_dir / name, stage / name)
-    shutil.rmtree(Path(out) / "model", ignore_errors=True)
-    stage.rename(Path(out) / "model")
-    return Path(out) / "model"
+    return save_model_dir(Path(out) / "model", random_model(cfg, seed), cfg, lambda stage: copy_tokenizer(tok_dir, stage))
 
 
 def bundled_prompts() -> list[str]:

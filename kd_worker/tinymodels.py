@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -239,52 +240,67 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def build_model(spec: ModelSpec, out: Path) -> Path:
-    """Build one model directory (atomically: staged, then renamed)."""
-    import mlx.core as mx
-    from mlx_lm.utils import _get_classes, save_config, save_model
-
-    tok = train_tokenizer(spec.tokenizer, corpus_text())
-    n_tokens = tok.get_vocab_size()
-    bos_id = tok.token_to_id(spec.tokenizer.bos) if spec.tokenizer.bos else None
-    cfg = model_config(spec, n_tokens, tok.token_to_id(spec.tokenizer.eos), bos_id)
-    model_cls, args_cls = _get_classes(cfg)
-    mx.random.seed(spec.seed)
-    model = model_cls(args_cls.from_dict(cfg))
-    mx.eval(model.parameters())
+def save_model_dir(out: Path, model, config: dict, write_extra: Callable[[Path], None]) -> Path:
+    """An HF-layout model directory written atomically: staged next to `out`, then renamed.
+    mlx-lm's own helpers write the weights and config; `write_extra` adds tokenizer files."""
+    from mlx_lm.utils import save_config, save_model
 
     stage = out.with_name(out.name + ".partial")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     save_model(stage, model)
-    save_config(dict(cfg), stage / "config.json")
-    tok.save(str(stage / "tokenizer.json"))
-    _write_json(stage / "tokenizer_config.json", tokenizer_config(spec.tokenizer))
-    _write_json(stage / "kd_fixture.json", {"name": spec.name, "digest": spec_digest(spec)})
+    save_config(dict(config), stage / "config.json")
+    write_extra(stage)
     shutil.rmtree(out, ignore_errors=True)
     stage.rename(out)
     return out
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(src / name, dst / name)
+
+
+def random_model(config: dict, seed: int):
+    """An mlx-lm model of `config`'s architecture with deterministic random weights."""
+    import mlx.core as mx
+    from mlx_lm.utils import _get_classes
+
+    model_cls, args_cls = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_cls(args_cls.from_dict(config))
+    mx.eval(model.parameters())
+    return model
+
+
+def build_model(spec: ModelSpec, out: Path) -> Path:
+    """Build one model directory (atomically: staged, then renamed)."""
+    tok = train_tokenizer(spec.tokenizer, corpus_text())
+    bos_id = tok.token_to_id(spec.tokenizer.bos) if spec.tokenizer.bos else None
+    cfg = model_config(spec, tok.get_vocab_size(), tok.token_to_id(spec.tokenizer.eos), bos_id)
+
+    def extra(stage: Path) -> None:
+        tok.save(str(stage / "tokenizer.json"))
+        _write_json(stage / "tokenizer_config.json", tokenizer_config(spec.tokenizer))
+        _write_json(stage / "kd_fixture.json", {"name": spec.name, "digest": spec_digest(spec)})
+
+    return save_model_dir(out, random_model(cfg, spec.seed), cfg, extra)
 
 
 def quantize_dir(src: Path, out: Path, bits: int, group_size: int = 64) -> Path:
     """An mlx-lm quantized copy of a model directory (what `mlx_lm convert -q` produces)."""
-    from mlx_lm.utils import load, quantize_model, save_config, save_model
+    from mlx_lm.utils import load, quantize_model
 
     model, _, cfg = load(str(src), return_config=True)
     with contextlib.redirect_stdout(io.StringIO()):  # quantize_model prints its bits-per-weight
         model, qcfg = quantize_model(model, cfg, group_size=group_size, bits=bits)
-    stage = out.with_name(out.name + ".partial")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    save_model(stage, model)
-    save_config(dict(qcfg), stage / "config.json")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(src / name, stage / name)
     marker = json.loads((src / "kd_fixture.json").read_text())
-    _write_json(stage / "kd_fixture.json", {"name": out.name, "digest": f"{marker['digest']}-q{bits}"})
-    shutil.rmtree(out, ignore_errors=True)
-    stage.rename(out)
-    return out
+
+    def extra(stage: Path) -> None:
+        copy_tokenizer(src, stage)
+        _write_json(stage / "kd_fixture.json", {"name": out.name, "digest": f"{marker['digest']}-q{bits}"})
+
+    return save_model_dir(out, model, qcfg, extra)
 
 
 def _up_to_date(path: Path, digest: str) -> bool:
