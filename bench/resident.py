@@ -10,7 +10,6 @@ Both see a warm target cache (a first job fills it), so the difference is what r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess

@@ -34,6 +34,10 @@ class TrainingDiverged(KDError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class ResourceLimitExceeded(KDError):
+    """A job went over the worker's memory budget (KD_MAX_JOB_MEMORY); it would again."""
+
+
 class PublishError(KDError):
     """Writing a new adapter version failed; the previous version stays current."""
 

@@ -73,8 +73,12 @@ def domain_dir(root: Path, domain: str) -> Path:
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """An exclusive advisory lock (flock) that every process on this machine respects."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:  # e.g. a file where the domain's directory must be
+        raise PublishError(f"cannot lock {path}: {e}; {path.parent} must be a writable directory") from e
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -133,9 +137,11 @@ def resolve(root: Path, domain: str) -> Version | None:
     d = domain_dir(root, domain)
     try:
         target = os.readlink(d / POINTER)
+        number = int(Path(target).name)
     except FileNotFoundError:
         return None
-    number = int(Path(target).name)
+    except (OSError, ValueError) as e:  # not a symlink, not under a directory, or not versions/NNNN
+        raise PublishError(f"{d / POINTER} is not a version pointer ({e}); repair or remove {d}") from e
     return Version(domain, number, (d / target).resolve())
 
 
@@ -218,7 +224,11 @@ def publish(
     Any failure before the swap leaves the previous version current and nothing a reader can see."""
     root = Path(root)
     d = domain_dir(root, domain)
-    (d / "versions").mkdir(parents=True, exist_ok=True)
+    try:
+        (d / "versions").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PublishError(f"publishing {domain} failed: cannot create {d / 'versions'}: {e}; "
+                           f"{d} must be a writable directory") from e
     with locked(d / ".lock"):
         for stale in d.glob(".staging-*"):  # debris of a crashed publish (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)

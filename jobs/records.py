@@ -30,7 +30,7 @@ class Record(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
     prompt: str | None = Field(default=None, max_length=MAX_RECORD_CHARS)
-    messages: tuple[Message, ...] | None = None
+    messages: tuple[Message, ...] | None = Field(default=None, strict=False)  # a JSON list; messages stay strict
     response: str | None = Field(default=None, max_length=MAX_RECORD_CHARS)
     id: str | None = Field(default=None, max_length=200)
     meta: dict[str, Any] | None = None

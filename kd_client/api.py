@@ -16,13 +16,11 @@ for `retry_backoff_s`.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +30,7 @@ import structlog
 
 from jobs.errors import ConfigError, DataError, KDError
 from jobs.models import check_domain
-from jobs.publisher import write_json_atomic
+from jobs.publisher import locked, write_json_atomic
 from jobs.records import Record, dump_records, parse_record
 from kd_client import queue as Q
 from kd_client.settings import ClientSettings
@@ -82,7 +80,7 @@ class KDClient:
         """Accumulate corrections; enqueue one job per domain when the threshold or age is reached."""
         _domain(domain)
         valid = _validated(records, "corrections")
-        with self._locked():
+        with locked(self.spool / ".lock"):
             acc = self.spool / "accum" / f"{domain}.jsonl"
             with open(acc, "ab") as f:
                 f.write(dump_records(valid))
@@ -130,7 +128,7 @@ class KDClient:
 
     # --- internals ------------------------------------------------------------------------------
     def _cut_due(self, force: bool) -> list[Receipt]:
-        with self._locked():
+        with locked(self.spool / ".lock"):
             for acc in sorted((self.spool / "accum").glob("*.jsonl")):
                 if force or self._due(acc):
                     self._cut(acc)
@@ -178,14 +176,6 @@ class KDClient:
             self._conn = Q.connect(self.settings)
         return self._conn
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.spool / ".lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _domain(domain: str) -> None:

@@ -118,7 +118,8 @@ def describe(job: Job) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": job.id, "status": status.value if status else None, "domain": job.meta.get("domain"),
         "ticket": job.meta.get("ticket"), "queue": job.origin, "worker": job.worker_name,
-        "enqueued_at": _iso(job.enqueued_at), "started_at": _iso(job.started_at), "ended_at": _iso(job.ended_at),
+        "enqueued_at": _iso(job.enqueued_at), "started_at": _iso(job.started_at),
+        "ended_at": _iso(job.ended_at or (result.execution_ended_at if result is not None else None)),
         "progress": job.meta.get("progress"), "description": job.description,
     }
     if result is not None and result.type == result.Type.SUCCESSFUL and isinstance(result.return_value, dict):

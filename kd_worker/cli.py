@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from jobs.errors import KDError
+from jobs.errors import ConfigError, KDError
 from kd_worker.blas import ensure_fast_blas
 from kd_worker.logs import configure_logging
 from kd_worker.settings import WorkerSettings, load_settings, require_model_dir
@@ -119,21 +119,49 @@ def wait_for_redis(conn, max_wait_s: float = 60.0) -> None:
     import time
 
     from redis import RedisError
+    from redis.exceptions import AuthenticationError
 
     delay = 0.5
     while True:
         try:
             conn.ping()
             return
+        except AuthenticationError as e:  # waiting will not fix a wrong password: a configuration error
+            raise ConfigError(f"Redis refused the credentials of KD_REDIS_URL ({e}); set "
+                              "redis://:PASSWORD@host:port/db or unix:///path/redis.sock?password=PASSWORD") from e
         except RedisError as e:
             log.warning("redis_unavailable", error=str(e), retry_in_s=delay)
             time.sleep(delay)
             delay = min(delay * 2, max_wait_s)
 
 
+def _pings(conn) -> bool:
+    from redis import RedisError
+
+    try:
+        return bool(conn.ping())
+    except RedisError:
+        return False
+
+
+def install_stop_handlers(control, started: list) -> None:
+    """SIGTERM/SIGINT before rq's work() installs its own handlers (model loading, start-up):
+    note the stop, and make rq's loop stop at its first check instead of taking a job."""
+    import signal
+
+    def stop(signum, frame):
+        control.shutdown()
+        for worker in started:
+            worker._stop_requested = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
 def cmd_run(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
     """The daemon: teacher resident before the loop; exit 0 only on a requested stop."""
     from redis import Redis, RedisError
+    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
     from rq import Queue
     from rq.serializers import JSONSerializer
 
@@ -147,21 +175,27 @@ def cmd_run(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
     except KDError as e:
         print(f"kd-worker run: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    conn = Redis.from_url(settings.redis_url, health_check_interval=30, socket_keepalive=True)
-    runtime, control = Runtime(settings), JobControl()
+    # TCP keepalive detects a dead peer; a unix socket connection refuses the option (TypeError)
+    keepalive = {} if settings.redis_url.startswith("unix:") else {"socket_keepalive": True}
+    conn = Redis.from_url(settings.redis_url, health_check_interval=30, **keepalive)
+    runtime, control, started = Runtime(settings), JobControl(), []
+    install_stop_handlers(control, started)  # a stop during start-up is a clean, requested stop
     runtime.teacher(teacher)  # resident for the life of the process
     if settings.cache_student:
         with runtime.student(student):
             pass
+    if control.shutting_down:
+        return EXIT_OK
     install_context(WorkerContext(settings, runtime, conn, control))
     queues = [Queue(n, connection=conn, serializer=JSONSerializer) for n in queue_names(settings.queue).values()]
-    worker = KDWorker(queues, conn, control, settings.heartbeat_interval, name=settings.worker_name)
-    wait_for_redis(conn)
     try:
+        wait_for_redis(conn)  # before KDWorker(): its constructor already talks to Redis
+        worker = KDWorker(queues, conn, control, settings.heartbeat_interval, name=settings.worker_name)
         worker.claim_name()
     except KDError as e:
         print(f"kd-worker run: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    started.append(worker)
     worker.recover_orphans()
     worker.start_heartbeat()
     log.info("worker_started", name=worker.name, queues=worker.queue_names(), teacher=str(teacher), blas=blas.library)
@@ -169,15 +203,23 @@ def cmd_run(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
         while True:
             try:
                 worker.work(burst=args.burst, max_jobs=args.max_jobs, logging_level=settings.log_level.upper())
+            except (RedisConnectionError, RedisTimeoutError) as e:
+                worker.lost_redis = True
+                log.warning("work_loop_redis_error", error=str(e))
             except RedisError as e:
                 log.warning("work_loop_redis_error", error=str(e))
             if control.shutting_down or worker._stop_requested or args.burst or args.max_jobs:
                 return EXIT_OK
-            try:
-                conn.ping()
-            except RedisError:
-                wait_for_redis(conn)  # Redis went away mid-loop: wait, recover our jobs, resume
-                worker.recover_orphans()
+            if worker.lost_redis or not _pings(conn):
+                try:
+                    wait_for_redis(conn)  # Redis went away mid-loop: wait, recover our jobs, resume
+                    worker.rejoin()
+                except KDError as e:
+                    print(f"kd-worker run: {e}", file=sys.stderr)
+                    return EXIT_CONFIG
+                except RedisError as e:  # gone again: wait once more
+                    worker.lost_redis = True
+                    log.warning("rejoin_failed", error=str(e))
                 continue
             log.error("work_loop_ended_unexpectedly")
             return EXIT_ERROR  # a supervisor (launchd/systemd) restarts us on non-zero exits

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import shutil
 import time
@@ -22,7 +23,7 @@ import structlog
 
 from jobs import publisher
 from jobs.config import KDConfig, resolve_config
-from jobs.errors import DataError, JobCanceled, JobInterrupted, ModelError
+from jobs.errors import ConfigError, DataError, JobCanceled, JobInterrupted, ModelError, ResourceLimitExceeded
 from kd_worker import teacher as T
 from kd_worker.checkpoints import DirCheckpointStore
 from kd_worker.data import Example, Sequence_, SoftTargets, load_examples, render_prompt, split_examples
@@ -64,6 +65,23 @@ def _check(reason: str | None) -> None:
         raise JobInterrupted("interrupted for shutdown during the teacher phase; finished work is cached")
     if reason == "cancel":
         raise JobCanceled("canceled during the teacher phase")
+
+
+def within_memory_budget(should_stop: StopFn, budget: int | None) -> StopFn:
+    """should_stop() that first fails the job once MLX's peak memory since the job started (resident
+    models included) is over the budget: a clear error instead of swapping or the OOM killer."""
+    if budget is None:
+        return should_stop
+
+    def check() -> str | None:
+        peak = mx.get_peak_memory()
+        if peak > budget:
+            raise ResourceLimitExceeded(
+                f"the job reached {peak:,} bytes of MLX memory (models included), over KD_MAX_JOB_MEMORY={budget:,}; "
+                "lower batch_size, max_seq_length, gen_batch_size or gen_max_tokens, or raise the budget")
+        return should_stop()
+
+    return check
 
 
 def _teacher_prompts(lm: LoadedModel, examples: Sequence[Example], cfg: KDConfig) -> list[list[int]]:
@@ -168,6 +186,17 @@ def student_sequences(student: LoadedModel, scored: Sequence[Scored], cfg: KDCon
     return seqs
 
 
+def require_trainable(student: LoadedModel, cfg: KDConfig) -> None:
+    """LoRA that attached nowhere (lora_keys naming no layer) would train nothing: refuse it clearly."""
+    from kd_worker.trainer import adapter_weights
+
+    if adapter_weights(student.model):
+        return
+    linear = sorted(n for n, m in student.model.layers[0].named_modules() if n and "Linear" in type(m).__name__)
+    raise ConfigError(f"lora_keys={list(cfg.lora_keys or [])} match no layer of the student {student.path}; "
+                      f"the linear layers of its blocks are {linear}")
+
+
 def publish_gate(student: LoadedModel, val: Sequence[Sequence_], cfg: KDConfig, n_vocab: int, settings: WorkerSettings,
                  domain: str, candidate: dict[str, float], identity: dict[str, Any]) -> dict[str, Any]:
     """Compare the candidate with the published adapter of the domain on this job's held-out data."""
@@ -197,18 +226,28 @@ def publish_gate(student: LoadedModel, val: Sequence[Sequence_], cfg: KDConfig, 
     }
 
 
+def save_adapter_file(path: Path, arrays: dict[str, mx.array]) -> None:
+    """mx.save_safetensors, with a failed write (full disk, file-size limit) raised as the OSError
+    it is (mlx raises RuntimeError), so the publisher reports it and keeps the previous version."""
+    try:
+        mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
+    except RuntimeError as e:
+        full = shutil.disk_usage(path.parent).free < sum(a.nbytes for a in arrays.values())
+        raise OSError(errno.ENOSPC if full else errno.EIO, f"cannot write {path.name}: {e}") from e
+
+
 def write_version(stage: Path, student: LoadedModel, cfg: KDConfig, store: DirCheckpointStore,
                   config_doc: dict[str, Any], metrics: dict[str, Any]) -> None:
     """Files of one version, mlx-lm's adapter layout (+ KD config, metrics, checkpoints)."""
     from kd_worker.trainer import adapter_weights
 
-    mx.save_safetensors(str(stage / "adapters.safetensors"), adapter_weights(student.model), metadata={"format": "mlx"})
+    save_adapter_file(stage / "adapters.safetensors", adapter_weights(student.model))
     publisher.write_json_atomic(stage / "adapter_config.json", config_doc)
     publisher.write_json_atomic(stage / "kd_metrics.json", metrics)
     for step in store.steps():
         d = stage / f"checkpoint_{step}"
         d.mkdir()
-        mx.save_safetensors(str(d / "adapters.safetensors"), store.adapter(step), metadata={"format": "mlx"})
+        save_adapter_file(d / "adapters.safetensors", store.adapter(step))
         publisher.write_json_atomic(d / "adapter_config.json", {**config_doc, "checkpoint_step": step})
 
 
@@ -230,6 +269,7 @@ def run_distillation(
     teacher = runtime.teacher(req.teacher)
     cache = TargetCache(settings.work_dir / "cache")
     mx.reset_peak_memory()
+    should_stop = within_memory_budget(should_stop, settings.max_job_memory)
     with runtime.student(req.student) as student:
         plan = plan_vocabulary(teacher, student, allow_cross=True)  # different tokenizers: kd_worker.xtok
         ordered = train_ex + val_ex
@@ -242,11 +282,15 @@ def run_distillation(
         seqs = student_sequences(student, scored, cfg, plan)
         train_seqs, val_seqs = seqs[: len(train_ex)], seqs[len(train_ex) :]
         attach_lora(student.model, cfg)
+        require_trainable(student, cfg)
         store = DirCheckpointStore(run_dir / "checkpoints")
         result = train(student, cfg, train_seqs, val_seqs, plan.student_vocab, store, progress, should_stop)
         identity = _identity(teacher, student, cfg, plan)
         after = result.history["val"][-1] if result.history["val"] else {}
         with publish_guard() as skip:
+            if req.reuse_outcome and (mine := _own_version(settings.adapters_dir, req)) is not None:
+                log.info("run_already_published", run_id=req.run_id, version=mine["version"])
+                return _finish_run(run_dir, mine)  # a retry after this run's version went live: never twice
             gate = {"decision": "skip", "reason": skip} if skip else _gate(
                 student, val_seqs, cfg, plan, settings, req, after, identity, progress)
             metrics = _metrics(result, gate, examples, train_seqs, val_seqs, targets, cache, teacher_s, plan, seqs)
@@ -256,7 +300,8 @@ def run_distillation(
                     publisher.record_rejection(settings.adapters_dir, req.domain, {"job_id": req.job_id, **gate})
                 outcome.update(published=False, seconds=time.perf_counter() - t_start)
                 return _finish_run(run_dir, outcome)
-            entry = {"job_id": req.job_id, **identity, "metrics": {"before": metrics["before"], "after": after},
+            entry = {"job_id": req.job_id, "run_id": req.run_id, **identity,
+                     "metrics": {"before": metrics["before"], "after": after},
                      "data": metrics["data"], "gate": gate, "forced": req.force_publish and gate["decision"] == "reject"}
             config_doc = {"fine_tune_type": "lora", "num_layers": lora_layer_count(student.model, cfg),
                           "lora_parameters": cfg.lora_parameters(), "kd": {"config": cfg.model_dump(mode="json"), **identity}}
@@ -276,6 +321,25 @@ def _read_outcome(run_dir: Path) -> dict[str, Any] | None:
         return json.loads((run_dir / "outcome.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+def _own_version(root: Path, req: DistillRequest) -> dict[str, Any] | None:
+    """This run's outcome if a version it published went live, i.e. its job failed after the
+    pointer swap (Redis lost at the ordering guard's exit, a kill before outcome.json)."""
+    current = publisher.resolve(root, req.domain)
+    for v in reversed(publisher.versions(root, req.domain)):
+        if current is None or v.number > current.number:
+            continue  # staged and renamed but never made current: publish again
+        try:
+            entry = json.loads((v.path / publisher.MANIFEST).read_text())["summary"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if entry.get("run_id") == req.run_id:
+            metrics = entry.get("metrics", {})
+            return {"domain": req.domain, "run_id": req.run_id, "gate": entry.get("gate", {}),
+                    "before": metrics.get("before", {}), "after": metrics.get("after", {}), "published": True,
+                    "version": v.number, "adapter_path": str(v.path), "seconds": 0.0}
+    return None
 
 
 def _finish_run(run_dir: Path, outcome: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from redis import Redis, RedisError
 from rq import Retry, get_current_job
 from rq.job import Job
 
-from jobs.errors import DataError, JobInterrupted, SecurityError
+from jobs.config import resolve_config
+from jobs.errors import ConfigError, DataError, JobInterrupted, SecurityError
 from jobs.models import KDJob, blob_key, cancel_key, parse_job
 from kd_worker import ordering
 from kd_worker.distill import DistillRequest, run_distillation
@@ -109,16 +110,27 @@ def make_stopper(ctx: WorkerContext, job_id: str, every_s: float = 1.0):
     return should_stop
 
 
+def job_ticket(rq_job: Job) -> int | None:
+    """The submission ticket (publish order) from job.meta; it also names the run directory, so
+    anything but an integer (e.g. "../../x" written by a hostile producer) is refused."""
+    ticket = rq_job.meta.get("ticket")
+    if ticket is not None and (type(ticket) is not int or ticket < 1):
+        raise ConfigError(f"job meta ticket {ticket!r} is not a positive integer; submit through kd-client/KDClient")
+    return ticket
+
+
 def run_kd_job(payload: dict[str, Any]) -> Any:
     ctx = current_context()
     rq_job = get_current_job()
-    spec = parse_job(payload)  # before any file is touched
+    # everything a payload controls is validated before any file is touched
+    spec = parse_job(payload)
+    resolve_config(ctx.settings.kd_defaults, spec.overrides)
+    ticket = job_ticket(rq_job)
     structlog.contextvars.bind_contextvars(job_id=rq_job.id, domain=spec.domain)
     started = time.perf_counter()
     try:
-        data = materialize_data(ctx.connection, spec, ctx.settings)
         teacher, student = resolve_models(spec, ctx.settings)
-        ticket = rq_job.meta.get("ticket")
+        data = materialize_data(ctx.connection, spec, ctx.settings)
         # one run dir per submission: retries and requeues resume it, a resubmission starts afresh
         req = DistillRequest(spec.domain, data, teacher, student, run_id=f"{rq_job.id}-{ticket or 0}",
                              overrides=dict(spec.overrides), force_publish=spec.force_publish, job_id=rq_job.id,

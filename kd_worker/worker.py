@@ -2,13 +2,16 @@
 and forking after Metal starts crashes on macOS) with what a weeks-long training daemon needs:
 
 - only allow-listed task functions run (a JSON queue still executes any importable callable
-  that someone who can write to Redis names), checked before rq resolves the function;
+  that someone who can write to Redis names), checked before rq resolves the function, with
+  exactly one `payload` keyword; a job whose data is not JSON (a pickle) is refused unread;
 - a heartbeat thread keeps the job's StartedJobRegistry entry, the worker key and a health key
   alive while a job really runs (rq sets the expiry once; rq#1604/#2424);
 - cancel is cooperative (rq's stop-job calls kill_horse, a no-op for SimpleWorker);
 - SIGTERM (launchd/systemd) asks the running job to checkpoint and requeue itself;
 - at start-up, jobs this worker left "started" when it died are requeued (rq's own abandoned-
-  job path: retries_left), and a worker name still alive elsewhere is refused.
+  job path: retries_left), and a worker name still alive elsewhere is refused;
+- after Redis was away (`lost_redis`), `rejoin` clears the registration rq could not close and
+  requeues this worker's jobs, so `kd-worker run` resumes in-process.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from typing import Any
 
 import structlog
 from redis import Redis, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 from rq import SimpleWorker
+from rq.exceptions import DeserializationError
 from rq.executions import Execution
 from rq.job import Job
 from rq.registry import StartedJobRegistry
@@ -45,13 +50,21 @@ class KDWorker(SimpleWorker):
         self._current: tuple[Job, Execution] | None = None
         self._beat_stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
+        self.lost_redis = False  # a job's bookkeeping failed because Redis went away (kd-worker run rejoins)
 
     # --- safety -------------------------------------------------------------------------------
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
-        func = job.func_name  # JSON-decodes the payload; resolving the function would import it
+        try:
+            func = job.func_name  # JSON-decodes the payload; resolving the function would import it
+        except DeserializationError as e:
+            raise SecurityError(f"job {job.id}: its data is not JSON (rq's default pickle serializer?); this worker "
+                                "reads JSON only and never unpickles; enqueue with serializer=JSONSerializer") from e
         if func not in ALLOWED_TASKS:
             log.error("job_refused", job_id=job.id, func=func)
             raise SecurityError(f"task {func!r} is not allowed on this worker; allowed: {sorted(ALLOWED_TASKS)}")
+        if job.args or set(job.kwargs) != {"payload"}:  # the task takes exactly one keyword: the payload
+            raise ConfigError(f"job arguments must be kwargs={{'payload': {{...}}}}; got args={len(job.args)} "
+                              f"kwargs={sorted(job.kwargs)}; submit through kd-client/KDClient")
         super().prepare_job_execution(job, remove_from_intermediate_queue)
 
     def _finalize_failure(self, job: Job, queue, execution: Execution, exc_info) -> None:
@@ -80,6 +93,9 @@ class KDWorker(SimpleWorker):
         self._current = (job, execution)
         try:
             self.perform_job(job, queue, execution)
+        except (RedisConnectionError, RedisTimeoutError):
+            self.lost_redis = True  # rq's loop swallows this and returns; the job is recovered on rejoin
+            raise
         finally:
             self._current = None
         self.set_state(WorkerStatus.IDLE)
@@ -130,6 +146,14 @@ class KDWorker(SimpleWorker):
             time.sleep(0.5)  # waiting for a TTL to lapse
         if self.connection.exists(self.key):
             self.connection.delete(self.key)
+
+    def rejoin(self) -> list[str]:
+        """After Redis came back: drop the registration whose death rq could not record (rq refuses
+        to start under a name that still looks alive; this process holds the name), then requeue
+        the jobs this worker had started."""
+        self.connection.delete(self.key)
+        self.lost_redis = False
+        return self.recover_orphans()
 
     def recover_orphans(self) -> list[str]:
         """Requeue (via rq's abandoned-job path) the jobs this worker name left started."""

@@ -13,7 +13,9 @@ ensure_fast_blas()  # must precede every `import mlx.core` in the test session
 
 import pytest  # noqa: E402
 
-from helpers import RedisServer  # noqa: E402
+import json  # noqa: E402
+
+from helpers import FAST, RedisServer, WorkerProcess, kd_env  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +40,44 @@ def redis_server(tmp_path_factory):
 def redis_url(redis_server) -> str:
     redis_server.client().flushall()
     return redis_server.url
+
+
+@pytest.fixture
+def heartbeat_interval() -> str:
+    """Seconds between worker heartbeats (health-key TTL is 3x); the fault suite shortens it."""
+    return "1"
+
+
+@pytest.fixture
+def env(tmp_path, models_root, redis_url, heartbeat_interval) -> dict[str, str]:
+    """Environment for worker and client processes: real Redis, tiny models, small jobs."""
+    return kd_env(
+        KD_REDIS_URL=redis_url,
+        KD_TEACHER=str(models_root / "teacher"),
+        KD_STUDENT=str(models_root / "student"),
+        KD_MODELS_ROOT=str(models_root),
+        KD_WORK_DIR=str(tmp_path / "work"),
+        KD_ADAPTERS_DIR=str(tmp_path / "adapters_kd"),
+        KD_SPOOL_DIR=str(tmp_path / "spool"),
+        KD_KD_DEFAULTS=json.dumps(FAST),
+        KD_HEARTBEAT_INTERVAL=heartbeat_interval,
+        KD_WORKER_NAME=f"test-{tmp_path.name}",
+    )
+
+
+@pytest.fixture
+def worker(env, tmp_path):
+    """start(name=None, base=None, **KD_VARS) -> a running `kd-worker run`; all killed at teardown."""
+    procs: list[WorkerProcess] = []
+
+    def start(name: str | None = None, base: dict[str, str] | None = None, **extra_env: str) -> WorkerProcess:
+        e = dict(base or env, **extra_env)
+        if name:
+            e["KD_WORKER_NAME"] = name
+        w = WorkerProcess(e, tmp_path / f"worker-{len(procs)}.log").start()
+        procs.append(w)
+        return w
+
+    yield start
+    for w in procs:
+        w.stop()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+FAST = {"iterations": 20, "gen_max_tokens": 24, "val_every": 10, "save_every": 10, "batch_size": 4}  # KD_KD_DEFAULTS
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
@@ -37,11 +38,13 @@ def free_port() -> int:
 class RedisServer:
     """A real redis-server on a free loopback port (and a unix socket), owned by the test suite."""
 
-    def __init__(self, workdir: Path, appendonly: bool = False, password: str | None = None):
+    def __init__(self, workdir: Path, appendonly: bool = False, password: str | None = None,
+                 config: Path | None = None):
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed; run `make setup` (or scripts/setup.sh)")
         self.exe, self.workdir, self.appendonly, self.password = exe, Path(workdir), appendonly, password
+        self.config = config  # a redis.conf (e.g. the shipped launchd/redis.conf): its bind/AOF/eviction rule
         self.port = free_port()
         self.socket = self.workdir / "redis.sock"
         self.proc: subprocess.Popen | None = None
@@ -61,6 +64,10 @@ class RedisServer:
         args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
                 "--unixsocket", str(self.socket), "--unixsocketperm", "700", "--save", "",
                 "--maxmemory-policy", "noeviction", "--daemonize", "no", "--logfile", str(self.workdir / "redis.log")]
+        if self.config is not None:  # the file's own bind, persistence and eviction rules apply
+            args = [self.exe, str(self.config), "--port", str(self.port), "--dir", str(self.workdir),
+                    "--unixsocket", str(self.socket), "--unixsocketperm", "700", "--daemonize", "no",
+                    "--logfile", str(self.workdir / "redis.log")]
         if self.appendonly:
             args += ["--appendonly", "yes", "--appendfsync", "everysec"]
         if self.password:
@@ -108,10 +115,15 @@ class WorkerProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "WorkerProcess":
+        self.launch()
+        self.wait_event("worker_started", timeout=60)
+        return self
+
+    def launch(self) -> "WorkerProcess":
+        """Start the process without waiting for it to be ready (e.g. while Redis is still down)."""
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([venv_bin("kd-worker"), "run", *self.args], env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
-        self.wait_event("worker_started", timeout=60)
         return self
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:

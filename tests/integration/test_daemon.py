@@ -6,13 +6,12 @@ import json
 import signal
 from pathlib import Path
 
-import pytest
 import redis
 from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from helpers import REPO, WorkerProcess, kd_client, wait_for
+from helpers import REPO, kd_client, wait_for
 from jobs.models import blob_key
 
 SAMPLES = REPO / "jobs" / "samples"
@@ -40,23 +39,6 @@ def submit(env, domain: str, *extra: str) -> str:
     out = kd_client(env, "submit", "--domain", domain, "--prompts", str(SAMPLES / f"{domain}.jsonl"), *extra)
     assert out.returncode == 0, out.stderr
     return out.stdout.split()[0]
-
-
-@pytest.fixture
-def worker(env, tmp_path):
-    procs: list[WorkerProcess] = []
-
-    def start(name: str | None = None, **extra_env: str) -> WorkerProcess:
-        e = dict(env, **extra_env)
-        if name:
-            e["KD_WORKER_NAME"] = name
-        w = WorkerProcess(e, tmp_path / f"worker-{len(procs)}.log").start()
-        procs.append(w)
-        return w
-
-    yield start
-    for w in procs:
-        w.stop()
 
 
 def test_cli_submit_to_published_adapter_with_teacher_loaded_once(env, worker, tmp_path):

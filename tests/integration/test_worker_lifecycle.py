@@ -64,3 +64,13 @@ def test_submissions_spool_while_redis_is_down_and_are_delivered_after(env, tmp_
         assert w.wait(30) == 0
     finally:
         server.stop()
+
+
+def test_stop_during_start_up_is_a_clean_requested_stop(env, tmp_path):
+    """SIGTERM while the teacher loads (before rq's handlers exist) still exits 0 and takes no job."""
+    log = tmp_path / "early.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([venv_bin("kd-worker"), "run"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        wait_for(lambda: b'"model_loaded"' in log.read_bytes(), 60, what="the teacher to start loading")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
