@@ -27,7 +27,7 @@ learning rate and LoRA shape; only the loss settings differ. Results are cached 
 
 from __future__ import annotations
 
-from bench.common import machine, report  # first: loads OpenBLAS before mlx
+from bench.common import report  # first: loads OpenBLAS before mlx
 
 import argparse
 import hashlib

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import shutil
 import time
@@ -24,6 +23,7 @@ import structlog
 from jobs import publisher
 from jobs.config import KDConfig, resolve_config
 from jobs.errors import ConfigError, DataError, JobCanceled, JobInterrupted, ModelError, ResourceLimitExceeded
+from kd_worker import outputs
 from kd_worker import teacher as T
 from kd_worker.checkpoints import DirCheckpointStore
 from kd_worker.data import Example, Sequence_, SoftTargets, load_examples, render_prompt, split_examples
@@ -31,7 +31,7 @@ from kd_worker.models import LoadedModel
 from kd_worker.runtime import Runtime
 from kd_worker.settings import WorkerSettings
 from kd_worker.targets import TargetCache, cache_key
-from kd_worker.trainer import Progress, ProgressFn, StopFn, attach_lora, evaluate, lora_layer_count, train
+from kd_worker.trainer import Progress, ProgressFn, StopFn, attach_lora, lora_layer_count, train
 from kd_worker.vocab import VocabPlan, plan_vocabulary
 
 log = structlog.get_logger(__name__)
@@ -197,58 +197,60 @@ def require_trainable(student: LoadedModel, cfg: KDConfig) -> None:
                       f"the linear layers of its blocks are {linear}")
 
 
-def publish_gate(student: LoadedModel, val: Sequence[Sequence_], cfg: KDConfig, n_vocab: int, settings: WorkerSettings,
-                 domain: str, candidate: dict[str, float], identity: dict[str, Any]) -> dict[str, Any]:
-    """Compare the candidate with the published adapter of the domain on this job's held-out data."""
-    current = publisher.resolve(settings.adapters_dir, domain)
-    if current is None:
-        return {"decision": "publish", "reason": "first version of the domain"}
-    if not val:
-        return {"decision": "publish", "reason": "no held-out data to compare on"}
-    try:
-        manifest = publisher.verify(current.path)
-        pub_cfg = manifest["summary"].get("adapter", {})
-    except (publisher.PublishError, KeyError) as e:
-        return {"decision": "publish", "reason": f"current version unreadable: {e}"}
-    if pub_cfg != identity["adapter"]:
-        return {"decision": "publish", "reason": "published adapter has another student or LoRA shape"}
-    from kd_worker.trainer import adapter_weights
+@dataclass
+class Prepared:
+    """What the teacher phase hands to training: student sequences with their soft targets."""
 
-    mine = {k: mx.array(v) for k, v in adapter_weights(student.model).items()}
-    student.model.load_weights(list(mx.load(str(current.path / "adapters.safetensors")).items()), strict=False)
-    baseline = evaluate(student, val, cfg, n_vocab)
-    student.model.load_weights(list(mine.items()), strict=False)
-    regress = candidate["kl"] > baseline["kl"] * (1 + settings.gate_tolerance) + 1e-9
-    return {
-        "decision": "reject" if regress else "publish",
-        "reason": "higher held-out KL than the published version" if regress else "not worse than the published version",
-        "candidate_kl": candidate["kl"], "published_kl": baseline["kl"], "published_version": current.number,
-    }
+    plan: VocabPlan
+    targets: list[SoftTargets]
+    train: list[Sequence_]
+    val: list[Sequence_]
+    teacher_s: float
 
 
-def save_adapter_file(path: Path, arrays: dict[str, mx.array]) -> None:
-    """mx.save_safetensors, with a failed write (full disk, file-size limit) raised as the OSError
-    it is (mlx raises RuntimeError), so the publisher reports it and keeps the previous version."""
-    try:
-        mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
-    except RuntimeError as e:
-        full = shutil.disk_usage(path.parent).free < sum(a.nbytes for a in arrays.values())
-        raise OSError(errno.ENOSPC if full else errno.EIO, f"cannot write {path.name}: {e}") from e
+def prepare(teacher: LoadedModel, student: LoadedModel, train_ex: list[Example], val_ex: list[Example], cfg: KDConfig,
+            cache: TargetCache, progress: ProgressFn, should_stop: StopFn) -> Prepared:
+    """Vocabulary plan, teacher responses and targets (cached), student sequences."""
+    plan = plan_vocabulary(teacher, student, allow_cross=True)  # different tokenizers: kd_worker.xtok
+    ordered = train_ex + val_ex
+    prompts = _teacher_prompts(teacher, ordered, cfg)
+    t0 = time.perf_counter()
+    responses = teacher_responses(teacher, ordered, prompts, cfg, cache, progress, should_stop)
+    targets = teacher_targets(teacher, prompts, responses, cfg, plan, cache, progress, should_stop)
+    teacher_s = time.perf_counter() - t0
+    scored = [Scored(e, p, r, t) for e, p, r, t in zip(ordered, prompts, responses, targets)]
+    seqs = student_sequences(student, scored, cfg, plan)
+    return Prepared(plan, targets, seqs[: len(train_ex)], seqs[len(train_ex) :], teacher_s)
 
 
-def write_version(stage: Path, student: LoadedModel, cfg: KDConfig, store: DirCheckpointStore,
-                  config_doc: dict[str, Any], metrics: dict[str, Any]) -> None:
-    """Files of one version, mlx-lm's adapter layout (+ KD config, metrics, checkpoints)."""
-    from kd_worker.trainer import adapter_weights
-
-    save_adapter_file(stage / "adapters.safetensors", adapter_weights(student.model))
-    publisher.write_json_atomic(stage / "adapter_config.json", config_doc)
-    publisher.write_json_atomic(stage / "kd_metrics.json", metrics)
-    for step in store.steps():
-        d = stage / f"checkpoint_{step}"
-        d.mkdir()
-        save_adapter_file(d / "adapters.safetensors", store.adapter(step))
-        publisher.write_json_atomic(d / "adapter_config.json", {**config_doc, "checkpoint_step": step})
+def conclude(req: DistillRequest, settings: WorkerSettings, cfg: KDConfig, teacher: LoadedModel, student: LoadedModel,
+             data: Prepared, result, store: DirCheckpointStore, skip: str | None, progress: ProgressFn,
+             n_examples: int, cache: TargetCache) -> dict[str, Any]:
+    """Publish gate, then publish (or record why not); returns the outcome."""
+    if req.reuse_outcome and (mine := outputs.own_version(settings.adapters_dir, req)) is not None:
+        log.info("run_already_published", run_id=req.run_id, version=mine["version"])
+        return mine  # a retry after this run's version went live: never twice
+    identity = outputs.identity_doc(teacher, student, cfg, data.plan)
+    after = result.history["val"][-1] if result.history["val"] else {}
+    gate = {"decision": "skip", "reason": skip} if skip else outputs.gate(
+        student, data.val, cfg, data.plan, settings, req, after, identity, progress)
+    metrics = outputs.metrics_doc(result, gate, n_examples, data, cache)
+    outcome = {"domain": req.domain, "run_id": req.run_id, "gate": gate, "before": metrics["before"], "after": after}
+    if skip or (gate["decision"] == "reject" and not req.force_publish):
+        if not skip:
+            publisher.record_rejection(settings.adapters_dir, req.domain, {"job_id": req.job_id, **gate})
+        return {**outcome, "published": False}
+    entry = {"job_id": req.job_id, "run_id": req.run_id, **identity, "metrics": {"before": metrics["before"], "after": after},
+             "data": metrics["data"], "gate": gate, "forced": req.force_publish and gate["decision"] == "reject"}
+    config_doc = {"fine_tune_type": "lora", "num_layers": lora_layer_count(student.model, cfg),
+                  "lora_parameters": cfg.lora_parameters(), "kd": {"config": cfg.model_dump(mode="json"), **identity}}
+    progress(Progress("publish", 0, 1))
+    version = publisher.publish(settings.adapters_dir, req.domain,
+                                lambda stage: outputs.write_version(stage, student, cfg, store, config_doc, metrics),
+                                entry, keep=settings.keep_versions)
+    progress(Progress("publish", 1, 1))
+    log.info("distillation_published", domain=req.domain, version=version.number, path=str(version.path))
+    return {**outcome, "published": True, "version": version.number, "adapter_path": str(version.path)}
 
 
 def run_distillation(
@@ -264,55 +266,22 @@ def run_distillation(
         log.info("run_already_done", run_id=req.run_id, published=done.get("published"))
         return done  # a retry after the job's bookkeeping (not its work) failed: never publish twice
     cfg = resolve_config(settings.kd_defaults, req.overrides)
-    examples = load_examples(req.data, settings.max_examples)
+    examples = load_examples(req.data, settings.max_examples)  # bad data fails before any model loads
     train_ex, val_ex = split_examples(examples, cfg.val_fraction, cfg.seed)
     teacher = runtime.teacher(req.teacher)
     cache = TargetCache(settings.work_dir / "cache")
     mx.reset_peak_memory()
     should_stop = within_memory_budget(should_stop, settings.max_job_memory)
     with runtime.student(req.student) as student:
-        plan = plan_vocabulary(teacher, student, allow_cross=True)  # different tokenizers: kd_worker.xtok
-        ordered = train_ex + val_ex
-        prompts = _teacher_prompts(teacher, ordered, cfg)
-        t0 = time.perf_counter()
-        responses = teacher_responses(teacher, ordered, prompts, cfg, cache, progress, should_stop)
-        targets = teacher_targets(teacher, prompts, responses, cfg, plan, cache, progress, should_stop)
-        teacher_s = time.perf_counter() - t0
-        scored = [Scored(e, p, r, t) for e, p, r, t in zip(ordered, prompts, responses, targets)]
-        seqs = student_sequences(student, scored, cfg, plan)
-        train_seqs, val_seqs = seqs[: len(train_ex)], seqs[len(train_ex) :]
+        data = prepare(teacher, student, train_ex, val_ex, cfg, cache, progress, should_stop)
         attach_lora(student.model, cfg)
         require_trainable(student, cfg)
         store = DirCheckpointStore(run_dir / "checkpoints")
-        result = train(student, cfg, train_seqs, val_seqs, plan.student_vocab, store, progress, should_stop)
-        identity = _identity(teacher, student, cfg, plan)
-        after = result.history["val"][-1] if result.history["val"] else {}
+        result = train(student, cfg, data.train, data.val, data.plan.student_vocab, store, progress, should_stop)
         with publish_guard() as skip:
-            if req.reuse_outcome and (mine := _own_version(settings.adapters_dir, req)) is not None:
-                log.info("run_already_published", run_id=req.run_id, version=mine["version"])
-                return _finish_run(run_dir, mine)  # a retry after this run's version went live: never twice
-            gate = {"decision": "skip", "reason": skip} if skip else _gate(
-                student, val_seqs, cfg, plan, settings, req, after, identity, progress)
-            metrics = _metrics(result, gate, examples, train_seqs, val_seqs, targets, cache, teacher_s, plan, seqs)
-            outcome = {"domain": req.domain, "run_id": req.run_id, "gate": gate, "before": metrics["before"], "after": after}
-            if skip or (gate["decision"] == "reject" and not req.force_publish):
-                if not skip:
-                    publisher.record_rejection(settings.adapters_dir, req.domain, {"job_id": req.job_id, **gate})
-                outcome.update(published=False, seconds=time.perf_counter() - t_start)
-                return _finish_run(run_dir, outcome)
-            entry = {"job_id": req.job_id, "run_id": req.run_id, **identity,
-                     "metrics": {"before": metrics["before"], "after": after},
-                     "data": metrics["data"], "gate": gate, "forced": req.force_publish and gate["decision"] == "reject"}
-            config_doc = {"fine_tune_type": "lora", "num_layers": lora_layer_count(student.model, cfg),
-                          "lora_parameters": cfg.lora_parameters(), "kd": {"config": cfg.model_dump(mode="json"), **identity}}
-            progress(Progress("publish", 0, 1))
-            version = publisher.publish(settings.adapters_dir, req.domain,
-                                        lambda stage: write_version(stage, student, cfg, store, config_doc, metrics),
-                                        entry, keep=settings.keep_versions)
-            progress(Progress("publish", 1, 1))
-    outcome.update(published=True, version=version.number, adapter_path=str(version.path),
-                   seconds=time.perf_counter() - t_start)
-    log.info("distillation_published", domain=req.domain, version=version.number, path=str(version.path))
+            outcome = conclude(req, settings, cfg, teacher, student, data, result, store, skip, progress,
+                               len(examples), cache)
+    outcome.setdefault("seconds", time.perf_counter() - t_start)
     return _finish_run(run_dir, outcome)
 
 
@@ -323,25 +292,6 @@ def _read_outcome(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _own_version(root: Path, req: DistillRequest) -> dict[str, Any] | None:
-    """This run's outcome if a version it published went live, i.e. its job failed after the
-    pointer swap (Redis lost at the ordering guard's exit, a kill before outcome.json)."""
-    current = publisher.resolve(root, req.domain)
-    for v in reversed(publisher.versions(root, req.domain)):
-        if current is None or v.number > current.number:
-            continue  # staged and renamed but never made current: publish again
-        try:
-            entry = json.loads((v.path / publisher.MANIFEST).read_text())["summary"]
-        except (OSError, ValueError, KeyError):
-            continue
-        if entry.get("run_id") == req.run_id:
-            metrics = entry.get("metrics", {})
-            return {"domain": req.domain, "run_id": req.run_id, "gate": entry.get("gate", {}),
-                    "before": metrics.get("before", {}), "after": metrics.get("after", {}), "published": True,
-                    "version": v.number, "adapter_path": str(v.path), "seconds": 0.0}
-    return None
-
-
 def _finish_run(run_dir: Path, outcome: dict[str, Any]) -> dict[str, Any]:
     """Keep only the outcome of a finished run (checkpoints are in the published version)."""
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -350,44 +300,3 @@ def _finish_run(run_dir: Path, outcome: dict[str, Any]) -> dict[str, Any]:
     return outcome
 
 
-def _identity(teacher: LoadedModel, student: LoadedModel, cfg: KDConfig, plan: VocabPlan) -> dict[str, Any]:
-    return {
-        "teacher": {"path": str(teacher.path), "identity": teacher.identity},
-        "student": {"path": str(student.path), "identity": student.identity},
-        "vocabulary": {"mode": plan.mode, "n_vocab": plan.n_vocab, "teacher_rows": plan.teacher_rows,
-                       "student_rows": plan.student_rows, "student_tokens": plan.student_tokens},
-        "adapter": {"student": student.identity, "num_layers": lora_layer_count(student.model, cfg),
-                    "lora_parameters": cfg.lora_parameters()},
-    }
-
-
-def _gate(student, val_seqs, cfg, plan, settings, req, after, identity, progress) -> dict[str, Any]:
-    progress(Progress("validate", 0, 1))
-    if not after:
-        return {"decision": "publish", "reason": "no held-out data to compare on"}
-    return publish_gate(student, val_seqs, cfg, plan.student_vocab, settings, req.domain, after, identity)
-
-
-def _metrics(result, gate, examples, train_seqs, val_seqs, targets, cache, teacher_s, plan, seqs) -> dict[str, Any]:
-    n_target_tokens = sum(len(t) for t in targets)
-    return {
-        "train": result.history["train"], "val": result.history["val"],
-        "before": result.history["val"][0] if result.history["val"] else {},
-        "after": result.history["val"][-1] if result.history["val"] else {},
-        "gate": gate,
-        "data": {"examples": len(examples), "train": len(train_seqs), "val": len(val_seqs),
-                 "response_tokens": int(sum(len(s.tokens) - s.resp_start for s in seqs))},
-        "timing": {"teacher_s": teacher_s, "train_s": result.seconds, "resumed_from": result.resumed_from,
-                   "train_tokens_per_s": result.tokens / result.seconds if result.seconds else None,
-                   "peak_memory_bytes": mx.get_peak_memory()},
-        "targets": {"tokens": n_target_tokens,
-                    "bytes_per_token": (sum(cache.bytes_per_token(t) * len(t) for t in targets) / max(n_target_tokens, 1))},
-        "vocabulary": {"mode": plan.mode, "notes": list(plan.notes)},
-        **({"xtok": _xtok_report(seqs)} if plan.mode == "cross" else {}),
-    }
-
-
-def _xtok_report(seqs: Sequence[Sequence_]) -> dict[str, Any]:
-    from kd_worker import xtok
-
-    return xtok.coverage_report(seqs)

@@ -82,29 +82,32 @@ def targets_from_logits(logits: np.ndarray, top_k: int, temperature: float) -> t
     numpy, not MLX: scoring needs no gradient, and on the CPU backend numpy's vectorised exp and
     argpartition are ~20x and ~7x faster over a 152k-wide row (bench/datagen.py); on Metal the
     copy out of unified memory is cheap. One exp serves all three outputs: the tail is the total
-    minus the support's mass (exact to fp32 resolution, TAIL_FLOOR), the tempered sum reuses it."""
+    minus the support's mass (exact to fp32 resolution, TAIL_FLOOR), the tempered sum reuses it.
+    Works in place on one [n, V] buffer: fresh 150 MB temporaries per chunk cost page faults."""
     n, v = logits.shape
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    total = e.sum(axis=-1, dtype=np.float64)
-    log_total = np.log(total)
     k = min(top_k, v)
-    idx = np.argpartition(shifted, v - k, axis=-1)[:, v - k :] if k < v else np.broadcast_to(np.arange(v), (n, v))
-    vals = np.take_along_axis(shifted, idx, axis=-1) - log_total[:, None]
-    order = np.argsort(-vals, axis=-1, kind="stable")
-    idx, vals = np.take_along_axis(idx, order, -1), np.take_along_axis(vals, order, -1)
+    x = logits - logits.max(axis=-1, keepdims=True)  # the one [n, V] buffer
+    idx = np.argpartition(x, v - k, axis=-1)[:, v - k :] if k < v else np.broadcast_to(np.arange(v), (n, v))
+    top = np.take_along_axis(x, idx, axis=-1)
+    tempered = None if temperature in (1.0, 2.0) else np.exp(x / temperature).sum(axis=-1)
+    np.exp(x, out=x)
+    total = x.sum(axis=-1)
+    log_total = np.log(total)
+    tail = np.full(n, -np.inf)
     if k < v:
-        rest = total - np.take_along_axis(e, idx, axis=-1).sum(axis=-1, dtype=np.float64)
+        rest = total - np.take_along_axis(x, idx, axis=-1).sum(axis=-1)
         tail = np.log(np.maximum(rest, total * TAIL_FLOOR)) - log_total
-    else:
-        tail = np.full(n, -np.inf)
     if temperature == 1.0:
         lse_t = np.zeros(n)
     else:
-        e_t = np.sqrt(e) if temperature == 2.0 else np.exp(shifted / temperature)
-        lse_t = np.log(e_t.sum(axis=-1, dtype=np.float64)) - log_total / temperature
+        if tempered is None:  # T = 2: exp(x / 2) = sqrt(exp(x)), far cheaper than a second exp
+            tempered = np.sqrt(x, out=x).sum(axis=-1)
+        lse_t = np.log(tempered) - log_total / temperature
+    vals = top - log_total[:, None]
+    order = np.argsort(-vals, axis=-1, kind="stable")
+    ids, vals = np.take_along_axis(idx, order, -1), np.take_along_axis(vals, order, -1)
     f32 = np.float32
-    return idx.astype(np.int32), vals.astype(f32), tail.astype(f32), lse_t.astype(f32)
+    return ids.astype(np.int32), vals.astype(f32), tail.astype(f32), lse_t.astype(f32)
 
 
 def score(
@@ -125,9 +128,15 @@ def score(
         positions.append(b * width + len(p) - 1 + np.arange(len(r)))
     flat = np.concatenate(positions).astype(np.int32)
     hidden = hidden_at(lm, mx.array(inputs), mx.array(flat))
+    starts = list(range(0, len(flat), SCORE_CHUNK))
+    pending = head_logits(lm, hidden[: SCORE_CHUNK], n_vocab)
+    mx.async_eval(pending)
     chunks = []
-    for start in range(0, len(flat), SCORE_CHUNK):
-        logits = head_logits(lm, hidden[start : start + SCORE_CHUNK], n_vocab)
+    for i, _ in enumerate(starts):
+        logits = pending
+        if i + 1 < len(starts):  # MLX computes the next chunk while numpy post-processes this one
+            pending = head_logits(lm, hidden[starts[i + 1] : starts[i + 1] + SCORE_CHUNK], n_vocab)
+            mx.async_eval(pending)
         mx.eval(logits)
         chunks.append(targets_from_logits(np.array(logits, copy=False), k, temperature))
     ids, logp, tail, lse_t = (np.concatenate([c[i] for c in chunks]) for i in range(4))
