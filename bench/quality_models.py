@@ -39,7 +39,7 @@ from functools import partial
 from pathlib import Path
 
 from bench import quality_task as task
-from kd_worker.tinymodels import LLAMA_TOKENIZER, QWEN_TOKENIZER, ModelSpec, build_model, spec_digest
+from kd_worker.tinymodels import LLAMA_TOKENIZER, QWEN_TOKENIZER, ModelSpec, build_model, spec_digest, up_to_date
 
 RECIPE_VERSION = 1
 
@@ -147,17 +147,10 @@ def sft(model, tokenizer, recipe: Recipe, say: Callable[[str], None]) -> dict[st
     return {"final_loss": float(np.mean(losses[-100:])), "seconds": time.perf_counter() - t0}
 
 
-def _up_to_date(path: Path, digest: str) -> bool:
-    try:
-        return json.loads((path / "kd_fixture.json").read_text())["digest"] == digest
-    except (OSError, ValueError, KeyError):
-        return False
-
-
 def build(name: str, root: Path, say: Callable[[str], None] = print) -> Path:
     """The trained model directory `root/name`, built (staged, then renamed) unless already current."""
     out, digest = root / name, recipe_digest(name)
-    if _up_to_date(out, digest):
+    if up_to_date(out, digest):
         return out
     import mlx.core as mx
     import mlx_lm

@@ -37,7 +37,7 @@ def student(vocab: int, body: dict):
     cfg = KDConfig(lora_layers=-1)
     attach_lora(model, cfg)
     mx.eval(model.parameters())
-    return LoadedModel(Path("."), model, None, {}, "", "", vocab, vocab, split_model(model)), cfg
+    return LoadedModel(Path("."), model, None, "", "", vocab, vocab, split_model(model)), cfg
 
 
 def batch(vocab: int, b: int, prompt: int, response: int, k: int = 64, temperature: float = 2.0):

@@ -40,7 +40,7 @@ def storage_rows(root: Path) -> tuple[list[list], dict]:
         for (p, r), t in zip(pairs, targets):
             cache.put_targets(cache_key(p=p, r=r, k=k), t)
         disk = sum(f.stat().st_size for f in (root / f"cache-{k}").rglob("*.safetensors"))
-        mem = sum(cache.bytes_per_token(t) * len(t) for t in targets) / tokens
+        mem = sum(t.nbytes for t in targets) / tokens
         rows.append([f"sparse k={k}", v, mem, disk / tokens, (v * 4) / mem])
     rows.append(["full vocabulary, float32", v, v * 4.0, "", 1.0])
     rows.append(["full vocabulary, bfloat16", v, v * 2.0, "", 2.0])

@@ -42,9 +42,7 @@ class KDConfig(BaseModel):
     max_seq_length: Annotated[int, Field(ge=16, le=131072)] = 512
     val_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
     val_every: PositiveInt = 50
-    val_batches: Annotated[int, Field(ge=-1)] = -1
     save_every: PositiveInt = 100
-    grad_checkpoint: bool = False
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
 
     # Teacher generation (layer 3); top_p is applied on a top-k pre-selection, never a full sort.

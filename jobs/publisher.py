@@ -39,7 +39,8 @@ from jobs.models import check_domain
 POINTER = "current"
 MANIFEST = "manifest.json"
 SUMMARY = "kd_summary.json"
-COMPAT = ("adapters.safetensors", "adapter_config.json", "kd_metrics.json", MANIFEST)
+WEIGHTS, ADAPTER_CONFIG, METRICS = "adapters.safetensors", "adapter_config.json", "kd_metrics.json"  # mlx-lm's names
+COMPAT = (WEIGHTS, ADAPTER_CONFIG, METRICS, MANIFEST)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -106,14 +107,23 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Temp file in the same directory, fsync, chmod, os.replace: readers see old or new, never half."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def verify(version_dir: Path) -> dict[str, Any]:
@@ -127,7 +137,7 @@ def verify(version_dir: Path) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise PublishError(f"{version_dir / MANIFEST} is malformed ({type(e).__name__}: {e}); republish it") from e
     for p, size, sha in files:
-        if not p.is_file() or p.stat().st_size != size or _sha256(p) != sha:
+        if not p.is_file() or p.stat().st_size != size or sha256_file(p) != sha:
             raise PublishError(f"{p} does not match its manifest (partial or modified version)")
     return manifest
 
@@ -240,7 +250,7 @@ def publish(
             number = (existing[-1].number if existing else 0) + 1
             version = Version(domain, number, d / "versions" / f"{number:04d}")
             entry = {**summary, "version": number, "path": f"{domain}/versions/{version.name}", "published_at": now_iso()}
-            files = {str(p.relative_to(stage)): {"sha256": _sha256(p), "size": p.stat().st_size} for p in _files(stage)}
+            files = {str(p.relative_to(stage)): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in _files(stage)}
             write_json_atomic(stage / MANIFEST, {"domain": domain, "version": number, "files": files, "summary": entry})
             for p in _files(stage):
                 with open(p, "rb") as f:

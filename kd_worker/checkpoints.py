@@ -4,6 +4,7 @@ Adam state) and state.json (step, metrics history), written to a temp dir and re
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -11,6 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+
+
+def save_adapter_file(path: Path, arrays: dict[str, mx.array]) -> None:
+    """mx.save_safetensors, with a failed write (full disk, file-size limit) raised as the OSError
+    it is (mlx raises RuntimeError): a checkpoint or a publish then fails with a clear error."""
+    try:
+        mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
+    except RuntimeError as e:
+        full = shutil.disk_usage(path.parent).free < sum(a.nbytes for a in arrays.values())
+        raise OSError(errno.ENOSPC if full else errno.EIO, f"cannot write {path.name}: {e}") from e
 
 
 class DirCheckpointStore:
@@ -30,7 +41,7 @@ class DirCheckpointStore:
         stage = self.root / f".step_{step:07d}.{os.getpid()}.tmp"
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir(parents=True)
-        mx.save_safetensors(str(stage / "state.safetensors"), arrays)
+        save_adapter_file(stage / "state.safetensors", arrays)
         (stage / "state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         stage.rename(final)
@@ -50,6 +61,3 @@ class DirCheckpointStore:
         """The adapter weights alone (mlx-lm names) of a saved step."""
         arrays, _ = self.load(step)
         return {k[8:]: v for k, v in arrays.items() if k.startswith("adapter.")}
-
-    def clear(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)

@@ -22,7 +22,7 @@ import structlog
 
 from jobs import publisher
 from jobs.config import KDConfig, resolve_config
-from jobs.errors import ConfigError, DataError, JobCanceled, JobInterrupted, ModelError, ResourceLimitExceeded
+from jobs.errors import ConfigError, DataError, ModelError, ResourceLimitExceeded, raise_if_stopped
 from kd_worker import outputs
 from kd_worker import teacher as T
 from kd_worker.checkpoints import DirCheckpointStore
@@ -31,7 +31,7 @@ from kd_worker.models import LoadedModel
 from kd_worker.runtime import Runtime
 from kd_worker.settings import WorkerSettings
 from kd_worker.targets import TargetCache, cache_key
-from kd_worker.trainer import Progress, ProgressFn, StopFn, attach_lora, lora_layer_count, train
+from kd_worker.trainer import Progress, ProgressFn, StopFn, adapter_weights, attach_lora, train
 from kd_worker.vocab import VocabPlan, plan_vocabulary
 
 log = structlog.get_logger(__name__)
@@ -55,16 +55,12 @@ class DistillRequest:
 @dataclass
 class Scored:
     example: Example
-    prompt_ids: list[int]  # teacher tokens
     response_ids: list[int]  # teacher tokens (EOS included when the teacher stopped)
     targets: SoftTargets
 
 
 def _check(reason: str | None) -> None:
-    if reason == "shutdown":
-        raise JobInterrupted("interrupted for shutdown during the teacher phase; finished work is cached")
-    if reason == "cancel":
-        raise JobCanceled("canceled during the teacher phase")
+    raise_if_stopped(reason, "during the teacher phase", "finished work is cached")
 
 
 def within_memory_budget(should_stop: StopFn, budget: int | None) -> StopFn:
@@ -97,25 +93,21 @@ def _teacher_prompts(lm: LoadedModel, examples: Sequence[Example], cfg: KDConfig
     return out
 
 
-def _eos_id(lm: LoadedModel) -> int:
-    eos = lm.hf_tokenizer.eos_token_id
-    return int(eos if eos is not None else min(lm.tokenizer.eos_token_ids))
-
-
 def teacher_responses(
     lm: LoadedModel, examples: Sequence[Example], prompts: Sequence[list[int]], cfg: KDConfig,
     cache: TargetCache, progress: ProgressFn, should_stop: StopFn,
 ) -> list[list[int]]:
     """Given responses are tokenized; missing ones are generated in batches and cached one by one."""
     gen = dict(max_tokens=cfg.gen_max_tokens, temp=cfg.gen_temperature, top_k=cfg.gen_top_k, top_p=cfg.gen_top_p, seed=cfg.seed)
+    keys = [cache_key(teacher=lm.identity, prompt=p, gen=gen) for p in prompts]
     responses: list[list[int] | None] = []
     todo: list[int] = []
     for i, (ex, p) in enumerate(zip(examples, prompts)):
         if ex.response is not None:
-            ids = list(lm.hf_tokenizer.encode(ex.response, add_special_tokens=False)) + [_eos_id(lm)]
+            ids = list(lm.hf_tokenizer.encode(ex.response, add_special_tokens=False)) + [lm.eos_id]
             responses.append(ids[: cfg.max_seq_length - len(p)])
             continue
-        hit = cache.get_response(cache_key(teacher=lm.identity, prompt=p, gen=gen))
+        hit = cache.get_response(keys[i])
         if hit is not None and (not hit or max(hit) >= lm.n_tokens):
             hit = None  # never trust an entry that could gather out of bounds (MLX does not check)
         responses.append(hit)
@@ -131,10 +123,10 @@ def teacher_responses(
         mx.random.seed(int(examples[batch[0]].key[:8], 16) ^ cfg.seed)
         budgets = [min(cfg.gen_max_tokens, cfg.max_seq_length - len(prompts[i])) for i in batch]
         for i, ids in zip(batch, T.generate(lm, [prompts[i] for i in batch], budgets, sampler, cfg.gen_batch_size)):
-            cache.put_response(cache_key(teacher=lm.identity, prompt=prompts[i], gen=gen), ids)
+            cache.put_response(keys[i], ids)
             responses[i] = ids
         progress(Progress("generate", min(start + len(batch), len(todo)), len(todo)))
-    return [r if r else [_eos_id(lm)] for r in responses]
+    return [r if r else [lm.eos_id] for r in responses]
 
 
 def teacher_targets(
@@ -166,12 +158,13 @@ def teacher_targets(
     return out  # type: ignore[return-value]
 
 
-def student_sequences(student: LoadedModel, scored: Sequence[Scored], cfg: KDConfig, plan: VocabPlan) -> list[Sequence_]:
+def student_sequences(teacher: LoadedModel, student: LoadedModel, scored: Sequence[Scored], cfg: KDConfig,
+                      plan: VocabPlan) -> list[Sequence_]:
     """Same vocabulary: the student's own chat template around the teacher's response ids."""
     if plan.mode == "cross":
         from kd_worker import xtok
 
-        return xtok.student_sequences(student, scored, cfg, plan)
+        return xtok.student_sequences(teacher, student, scored, cfg, plan)
     seqs = []
     for s in scored:
         prompt = render_prompt(student.tokenizer, s.example.prompt)
@@ -179,7 +172,7 @@ def student_sequences(student: LoadedModel, scored: Sequence[Scored], cfg: KDCon
         if n < 1:
             raise DataError(f"{s.example.source}: no room for a response within max_seq_length={cfg.max_seq_length}")
         tokens = np.asarray(prompt + s.response_ids[:n], np.int32)
-        t = SoftTargets(*(getattr(s.targets, f)[:n] for f in ("ids", "logp", "tail", "lse_t", "kd_mask")))
+        t = s.targets.head(n)
         if tokens.max() >= plan.n_vocab or t.ids.max() >= plan.n_vocab:
             raise ModelError(f"{s.example.source}: a token id is outside the shared vocabulary of {plan.n_vocab}")
         seqs.append(Sequence_(tokens, len(prompt), t))
@@ -188,8 +181,6 @@ def student_sequences(student: LoadedModel, scored: Sequence[Scored], cfg: KDCon
 
 def require_trainable(student: LoadedModel, cfg: KDConfig) -> None:
     """LoRA that attached nowhere (lora_keys naming no layer) would train nothing: refuse it clearly."""
-    from kd_worker.trainer import adapter_weights
-
     if adapter_weights(student.model):
         return
     linear = sorted(n for n, m in student.model.layers[0].named_modules() if n and "Linear" in type(m).__name__)
@@ -218,23 +209,26 @@ def prepare(teacher: LoadedModel, student: LoadedModel, train_ex: list[Example],
     responses = teacher_responses(teacher, ordered, prompts, cfg, cache, progress, should_stop)
     targets = teacher_targets(teacher, prompts, responses, cfg, plan, cache, progress, should_stop)
     teacher_s = time.perf_counter() - t0
-    scored = [Scored(e, p, r, t) for e, p, r, t in zip(ordered, prompts, responses, targets)]
-    seqs = student_sequences(student, scored, cfg, plan)
+    scored = [Scored(e, r, t) for e, r, t in zip(ordered, responses, targets)]
+    seqs = student_sequences(teacher, student, scored, cfg, plan)
     return Prepared(plan, targets, seqs[: len(train_ex)], seqs[len(train_ex) :], teacher_s)
 
 
 def conclude(req: DistillRequest, settings: WorkerSettings, cfg: KDConfig, teacher: LoadedModel, student: LoadedModel,
              data: Prepared, result, store: DirCheckpointStore, skip: str | None, progress: ProgressFn,
-             n_examples: int, cache: TargetCache) -> dict[str, Any]:
+             n_examples: int) -> dict[str, Any]:
     """Publish gate, then publish (or record why not); returns the outcome."""
     if req.reuse_outcome and (mine := outputs.own_version(settings.adapters_dir, req)) is not None:
         log.info("run_already_published", run_id=req.run_id, version=mine["version"])
         return mine  # a retry after this run's version went live: never twice
     identity = outputs.identity_doc(teacher, student, cfg, data.plan)
-    after = result.history["val"][-1] if result.history["val"] else {}
-    gate = {"decision": "skip", "reason": skip} if skip else outputs.gate(
-        student, data.val, cfg, data.plan, settings, req, after, identity, progress)
-    metrics = outputs.metrics_doc(result, gate, n_examples, data, cache)
+    after = result.history["val"][-1]  # step 0 is always evaluated, so never empty
+    if skip:
+        gate = {"decision": "skip", "reason": skip}
+    else:
+        progress(Progress("validate", 0, 1))
+        gate = outputs.publish_gate(student, data.val, cfg, data.plan.student_vocab, settings, req.domain, after, identity)
+    metrics = outputs.metrics_doc(result, gate, n_examples, data)
     outcome = {"domain": req.domain, "run_id": req.run_id, "gate": gate, "before": metrics["before"], "after": after}
     if skip or (gate["decision"] == "reject" and not req.force_publish):
         if not skip:
@@ -242,8 +236,8 @@ def conclude(req: DistillRequest, settings: WorkerSettings, cfg: KDConfig, teach
         return {**outcome, "published": False}
     entry = {"job_id": req.job_id, "run_id": req.run_id, **identity, "metrics": {"before": metrics["before"], "after": after},
              "data": metrics["data"], "gate": gate, "forced": req.force_publish and gate["decision"] == "reject"}
-    config_doc = {"fine_tune_type": "lora", "num_layers": lora_layer_count(student.model, cfg),
-                  "lora_parameters": cfg.lora_parameters(), "kd": {"config": cfg.model_dump(mode="json"), **identity}}
+    config_doc = {"fine_tune_type": "lora", **{k: identity["adapter"][k] for k in ("num_layers", "lora_parameters")},
+                  "kd": {"config": cfg.model_dump(mode="json"), **identity}}
     progress(Progress("publish", 0, 1))
     version = publisher.publish(settings.adapters_dir, req.domain,
                                 lambda stage: outputs.write_version(stage, student, cfg, store, config_doc, metrics),
@@ -279,8 +273,7 @@ def run_distillation(
         store = DirCheckpointStore(run_dir / "checkpoints")
         result = train(student, cfg, data.train, data.val, data.plan.student_vocab, store, progress, should_stop)
         with publish_guard() as skip:
-            outcome = conclude(req, settings, cfg, teacher, student, data, result, store, skip, progress,
-                               len(examples), cache)
+            outcome = conclude(req, settings, cfg, teacher, student, data, result, store, skip, progress, len(examples))
     outcome.setdefault("seconds", time.perf_counter() - t_start)
     return _finish_run(run_dir, outcome)
 

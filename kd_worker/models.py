@@ -4,6 +4,7 @@ response positions (every avoided full-vocabulary row counts on the CPU)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import mlx.nn as nn
 import structlog
 
 from jobs.errors import ModelError
+from jobs.publisher import sha256_file, write_json_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -28,7 +30,6 @@ class LoadedModel:
     path: Path
     model: nn.Module
     tokenizer: Any  # mlx_lm TokenizerWrapper
-    config: dict
     identity: str  # sha256 over config, tokenizer files and weights
     tokenizer_identity: str  # sha256 over the tokenizer files alone
     n_tokens: int  # len(tokenizer): real vocabulary, never config.vocab_size
@@ -39,24 +40,25 @@ class LoadedModel:
     def hf_tokenizer(self) -> Any:
         return self.tokenizer._tokenizer
 
+    @property
+    def eos_id(self) -> int:
+        """The end-of-turn token the chat template writes (the tokenizer's eos, else mlx-lm's first)."""
+        eos = self.hf_tokenizer.eos_token_id
+        return int(eos if eos is not None else min(self.tokenizer.eos_token_ids))
+
+    @functools.cached_property
+    def token_table(self):
+        """Token id -> exact bytes (kd_worker.tokmap), built once per resident model (152k entries)."""
+        from kd_worker.tokmap import token_table
+
+        return token_table(self.hf_tokenizer)
+
 
 def compute_dtype(setting: str) -> mx.Dtype | None:
     """float32 on the CPU backend (bf16 matmuls are ~50x slower there); the checkpoint's on Metal."""
     if setting != "auto":
         return getattr(mx, setting)
     return mx.float32 if mx.default_device() == mx.cpu else None
-
-
-def _file_sha256(path: Path, cache: dict[str, Any]) -> str:
-    st = path.stat()
-    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    if key not in cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        cache[key] = h.hexdigest()
-    return cache[key]
 
 
 def model_identity(path: Path, cache_file: Path | None = None) -> tuple[str, str]:
@@ -73,13 +75,16 @@ def model_identity(path: Path, cache_file: Path | None = None) -> tuple[str, str
             tok.update(name.encode() + b"\0" + (path / name).read_bytes())
     full = hashlib.sha256(tok.hexdigest().encode())
     full.update((path / "config.json").read_bytes())
+    known = len(cache)
     for weights in sorted(path.glob("*.safetensors")):
-        full.update(weights.name.encode() + _file_sha256(weights, cache).encode())
-    if cache_file is not None:
+        st = weights.stat()
+        key = f"{weights.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in cache:
+            cache[key] = sha256_file(weights)  # seconds for a 4 GB teacher: once per file version
+        full.update(weights.name.encode() + cache[key].encode())
+    if cache_file is not None and len(cache) != known:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)
+        write_json_atomic(cache_file, cache)
     return full.hexdigest(), tok.hexdigest()
 
 
@@ -144,7 +149,7 @@ def load_model_dir(path: Path, dtype_setting: str = "auto", identity_cache: Path
         )
     identity, tok_identity = model_identity(path, identity_cache)
     log.info("model_loaded", path=str(path), model_type=config.get("model_type"), tokens=n_tokens, rows=rows)
-    return LoadedModel(path, model, tokenizer, config, identity, tok_identity, n_tokens, rows, split_model(model))
+    return LoadedModel(path, model, tokenizer, identity, tok_identity, n_tokens, rows, split_model(model))
 
 
 def hidden_at(lm: LoadedModel, inputs: mx.array, positions: mx.array) -> mx.array:

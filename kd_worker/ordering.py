@@ -26,7 +26,7 @@ from redis.exceptions import LockError
 from rq.job import Job, JobStatus
 from rq.exceptions import NoSuchJobError
 
-from jobs.errors import JobCanceled, JobInterrupted
+from jobs.errors import raise_if_stopped
 from jobs.models import active_key, health_key, published_key
 
 log = structlog.get_logger(__name__)
@@ -80,11 +80,7 @@ def holder_is_dead(conn: Redis, holder: str, job_id: str) -> bool:
 
 
 def _stop_waiting(should_stop: Callable[[], str | None], what: str) -> None:
-    reason = should_stop()
-    if reason == "cancel":
-        raise JobCanceled(f"canceled while waiting for {what}")
-    if reason == "shutdown":
-        raise JobInterrupted(f"interrupted while waiting for {what}; training is checkpointed")
+    raise_if_stopped(should_stop(), f"while waiting for {what}", "training is checkpointed")
 
 
 def acquire_publish_lock(conn: Redis, domain: str, job_id: str, should_stop: Callable[[], str | None],

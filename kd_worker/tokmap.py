@@ -155,7 +155,12 @@ def token_pair(
     teacher_hf: Any, student_hf: Any, teacher_eos: Sequence[int], student_eos: int, n_teacher: int
 ) -> TokenPair:
     """Exact byte-string mapping of the two vocabularies; end-of-turn and same-named specials by role."""
-    t, s = token_table(teacher_hf), token_table(student_hf)
+    return pair_of_tables(token_table(teacher_hf), token_table(student_hf), teacher_eos, student_eos, n_teacher)
+
+
+def pair_of_tables(
+    t: TokenTable, s: TokenTable, teacher_eos: Sequence[int], student_eos: int, n_teacher: int
+) -> TokenPair:
     tmap = np.full(max(n_teacher, len(t.pieces)), -1, np.int32)
     for i, piece in enumerate(t.pieces):
         if piece is not None:
@@ -177,6 +182,4 @@ def _eos_ids(lm: Any) -> list[int]:
 def pair_for(teacher: Any, student: Any) -> TokenPair:
     """The token pair of two loaded models (LoadedModel-like: hf_tokenizer, tokenizer, n_tokens). Every
     stop token of the teacher maps to the student's own end-of-turn token (the one its template writes)."""
-    eos = student.hf_tokenizer.eos_token_id
-    student_eos = int(eos) if eos is not None else min(_eos_ids(student))
-    return token_pair(teacher.hf_tokenizer, student.hf_tokenizer, _eos_ids(teacher), student_eos, teacher.n_tokens)
+    return pair_of_tables(teacher.token_table, student.token_table, _eos_ids(teacher), student.eos_id, teacher.n_tokens)

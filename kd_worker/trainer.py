@@ -29,7 +29,7 @@ import structlog
 from mlx.utils import tree_flatten, tree_unflatten
 
 from jobs.config import KDConfig
-from jobs.errors import JobCanceled, JobInterrupted, TrainingDiverged
+from jobs.errors import TrainingDiverged, raise_if_stopped
 from kd_worker import losses as L
 from kd_worker.data import Batch, Sequence_, batch_for_step, batch_plan, collate
 from kd_worker.models import LoadedModel, head_logits, hidden_at
@@ -61,7 +61,6 @@ class CheckpointStore(Protocol):
 @dataclass
 class TrainResult:
     history: dict[str, list[dict[str, float]]]
-    steps: int
     resumed_from: int
     seconds: float
     tokens: int
@@ -77,8 +76,7 @@ def attach_lora(model: nn.Module, cfg: KDConfig) -> None:
 
     mx.random.seed(cfg.seed)
     model.freeze()
-    layers = len(model.layers) if cfg.lora_layers == -1 else min(cfg.lora_layers, len(model.layers))
-    linear_to_lora_layers(model, layers, cfg.lora_parameters())
+    linear_to_lora_layers(model, lora_layer_count(model, cfg), cfg.lora_parameters())
     model.train()
 
 
@@ -133,10 +131,15 @@ def uld_sums(lm: LoadedModel, h: mx.array, t: L.Targets, uld: mx.array | None, n
     return d.sum(), mx.array(float(uld.shape[0]))
 
 
+def sums_at(lm: LoadedModel, h: mx.array, t: L.Targets, n_vocab: int, cfg: KDConfig,
+            uld: mx.array | None = None) -> L.LossSums:
+    """All loss sums for hidden states h at the response positions (autodiff path, any divergence)."""
+    return L.LossSums(*head_sums(lm, h, t, n_vocab, cfg), *uld_sums(lm, h, t, uld, n_vocab, cfg))
+
+
 def batch_sums(lm: LoadedModel, inputs: mx.array, positions: mx.array, t: L.Targets, n_vocab: int, cfg: KDConfig,
                uld: mx.array | None = None) -> L.LossSums:
-    h = hidden_at(lm, inputs, positions)
-    return L.LossSums(*head_sums(lm, h, t, n_vocab, cfg), *uld_sums(lm, h, t, uld, n_vocab, cfg))
+    return sums_at(lm, hidden_at(lm, inputs, positions), t, n_vocab, cfg, uld)
 
 
 def fused_ok(lm: LoadedModel, cfg: KDConfig) -> bool:
@@ -177,10 +180,10 @@ def train_loss(lm: LoadedModel, x: mx.array, pos: mx.array, t: L.Targets, n_voca
                uld: mx.array | None = None) -> tuple[mx.array, L.LossSums]:
     """The training objective (losses.combine) and its sums; fused when the configuration allows."""
     h = hidden_at(lm, x, pos)
-    uld_sum, uld_n = uld_sums(lm, h, t, uld, n_vocab, cfg)
     if not fused_ok(lm, cfg):
-        sums = L.LossSums(*head_sums(lm, h, t, n_vocab, cfg), uld_sum, uld_n)
+        sums = sums_at(lm, h, t, n_vocab, cfg, uld)
         return L.combine(sums, cfg.temperature, cfg.alpha, cfg.xtok_uld_weight), sums
+    uld_sum, uld_n = uld_sums(lm, h, t, uld, n_vocab, cfg)
     kd_n, n = t.kd_mask.sum(), mx.array(float(h.shape[0]))
     denom = mx.maximum(kd_n + uld_n, 1.0)
     kd_w = mx.stop_gradient(cfg.alpha * cfg.temperature**2 / denom)
@@ -200,8 +203,9 @@ def evaluate(lm: LoadedModel, seqs: Sequence[Sequence_], cfg: KDConfig, n_vocab:
     for idx in batch_plan([len(s.tokens) for s in seqs], cfg.batch_size):
         b = collate([seqs[i] for i in idx])
         x, pos, t = mx.array(b.inputs), mx.array(b.positions), to_mx_targets(b)
-        sums = batch_sums(lm, x, pos, t, n_vocab, cfg, uld_rows(b))
-        kl, top1 = L.agreement_sums(head_logits(lm, hidden_at(lm, x, pos), n_vocab), t)
+        h = hidden_at(lm, x, pos)  # one body pass serves the loss sums and the agreement metrics
+        sums = sums_at(lm, h, t, n_vocab, cfg, uld_rows(b))
+        kl, top1 = L.agreement_sums(head_logits(lm, h, n_vocab), t)
         mx.eval(*sums, kl, top1)
         tot += [sums.kd.item(), sums.ce.item(), sums.kd_n.item(), sums.n.item(), kl.item(), top1.item(),
                 sums.uld.item(), sums.uld_n.item()]
@@ -287,16 +291,14 @@ def train(
     else:
         history["val"].append({"step": 0, **evaluate(lm, val_seqs, cfg, n_vocab)})
     if start >= cfg.iterations:
-        return TrainResult(history, start, start, 0.0, 0)
+        return TrainResult(history, start, 0.0, 0)
     step_fn, state = make_step(lm, cfg, n_vocab, opt)
 
     t0, tokens, last_saved = time.perf_counter(), 0, start
     for step in range(start, cfg.iterations):
-        if (reason := should_stop()) is not None:
-            if reason == "shutdown":
-                store.save(step, _snapshot(model, opt), {"step": step, "history": history})
-                raise JobInterrupted(f"interrupted for shutdown at step {step}; checkpoint saved, the job resumes")
-            raise JobCanceled(f"canceled at step {step} of {cfg.iterations}")
+        if (reason := should_stop()) == "shutdown":
+            store.save(step, _snapshot(model, opt), {"step": step, "history": history})
+        raise_if_stopped(reason, f"at step {step} of {cfg.iterations}", "checkpoint saved, the job resumes")
         mx.random.seed(step_seed(cfg.seed, step))
         b = collate([train_seqs[i] for i in batch_for_step(plan, step, cfg.seed)])
         loss, sums = step_fn(mx.array(b.inputs), mx.array(b.positions), tuple(to_mx_targets(b)), uld_rows(b))
@@ -318,4 +320,4 @@ def train(
             last_saved = done
         eta = (time.perf_counter() - t0) / (done - start) * (cfg.iterations - done)
         progress(Progress("train", done, cfg.iterations, {k: row[k] for k in ("loss", "kd", "ce")}, rate, eta))
-    return TrainResult(history, cfg.iterations, start, time.perf_counter() - t0, tokens)
+    return TrainResult(history, start, time.perf_counter() - t0, tokens)

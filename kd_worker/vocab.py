@@ -12,7 +12,7 @@ names or `config.vocab_size`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from jobs.errors import VocabularyMismatch
@@ -27,7 +27,6 @@ class VocabPlan:
     teacher_rows: int
     student_rows: int
     notes: tuple[str, ...] = ()
-    teacher: Any = field(default=None, repr=False, compare=False)  # cross mode: its tokenizer is mapped
 
     @property
     def student_vocab(self) -> int:
@@ -55,7 +54,10 @@ def compare_tokenizers(t: Any, s: Any) -> tuple[bool, list[str]]:
 
 def plan_vocabulary(teacher: Any, student: Any, allow_cross: bool) -> VocabPlan:
     """`teacher`/`student` are LoadedModel-like (hf_tokenizer, n_tokens, rows, path, tokenizer_identity)."""
-    same, notes = compare_tokenizers(teacher.hf_tokenizer, student.hf_tokenizer)
+    if teacher.tokenizer_identity == student.tokenizer_identity:  # same files: skip the 152k-entry comparison
+        same, notes = True, []
+    else:
+        same, notes = compare_tokenizers(teacher.hf_tokenizer, student.hf_tokenizer)
     sizes = dict(
         teacher_tokens=teacher.n_tokens, student_tokens=student.n_tokens, teacher_rows=teacher.rows, student_rows=student.rows
     )
@@ -63,7 +65,7 @@ def plan_vocabulary(teacher: Any, student: Any, allow_cross: bool) -> VocabPlan:
         mode = "direct" if teacher.rows == student.rows else "sliced"  # both cut to n_tokens either way
         return VocabPlan(mode, teacher.n_tokens, notes=tuple(notes), **sizes)
     if allow_cross:
-        return VocabPlan("cross", teacher.n_tokens, notes=tuple(notes), teacher=teacher, **sizes)
+        return VocabPlan("cross", teacher.n_tokens, notes=tuple(notes), **sizes)
     raise VocabularyMismatch(
         "teacher and student tokenizers differ: teacher "
         f"{describe(teacher.hf_tokenizer, teacher.path, teacher.tokenizer_identity)} vs student "

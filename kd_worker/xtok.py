@@ -43,7 +43,7 @@ import numpy as np
 import structlog
 
 from jobs.errors import DataError, VocabularyMismatch
-from kd_worker.data import Sequence_, SoftTargets, render_prompt
+from kd_worker.data import FIELDS, Sequence_, SoftTargets, render_prompt
 from kd_worker.tokmap import TokenPair, pair_for
 
 if TYPE_CHECKING:
@@ -294,7 +294,7 @@ def carry_targets(
     if aligned:
         si, proj, share, merged = _project_rows(pair, t, t_ids, s_ids, aligned, phantom, temperature)
         ok = share > 0  # nothing mapped: no distribution to carry over
-        for f in ("ids", "logp", "tail", "lse_t", "kd_mask"):
+        for f in FIELDS:
             getattr(out, f)[si[ok]] = getattr(proj, f)[ok]
         kinds[si[ok]] = np.where(merged[ok], KIND_MERGED, KIND_ONE)
         mapped[si[ok]] = share[ok]
@@ -319,17 +319,15 @@ def student_sequence(pair: TokenPair, student: LoadedModel, s: Scored, cfg: KDCo
     if n < 1:
         raise DataError(f"{s.example.source}: no room for a response within max_seq_length={cfg.max_seq_length}")
     t, kinds, mapped = carry_targets(pair, s.targets, t_ids, s_ids, stopped, cfg.xtok_unaligned, cfg.temperature)
-    t = SoftTargets(*(getattr(t, f)[:n] for f in ("ids", "logp", "tail", "lse_t", "kd_mask", "uld_mask")))
+    t = t.head(n)
     return AlignedSequence(np.asarray(prompt + s_ids[:n], np.int32), len(prompt), t, kinds[:n], mapped[:n])
 
 
 def student_sequences(
-    student: LoadedModel, scored: Sequence[Scored], cfg: KDConfig, plan: VocabPlan
+    teacher: LoadedModel, student: LoadedModel, scored: Sequence[Scored], cfg: KDConfig, plan: VocabPlan
 ) -> list[Sequence_]:
     """Cross-tokenizer counterpart of distill.student_sequences; refuses (or warns) below xtok_min_coverage."""
-    if plan.teacher is None:
-        raise VocabularyMismatch("a cross-tokenizer plan must carry its teacher: plan_vocabulary(..., allow_cross=True)")
-    pair = pair_for(plan.teacher, student)
+    pair = pair_for(teacher, student)
     seqs = [student_sequence(pair, student, s, cfg) for s in scored]
     for s in seqs:
         if s.tokens.max() >= plan.student_tokens or s.targets.ids.max() >= plan.student_tokens:
