@@ -56,12 +56,6 @@ class JobInterrupted(KDError):
     retryable = True
 
 
-class QueueUnavailable(KDError):
-    """Redis could not be reached."""
-
-    retryable = True
-
-
 def raise_if_stopped(reason: str | None, where: str, resume_note: str) -> None:
     """Turn a stop request ("cancel" / "shutdown", see kd_worker.runtime.JobControl) into the job's exception."""
     if reason == "cancel":

@@ -68,7 +68,7 @@ class KDJob(BaseModel):
     overrides: dict[str, Any] = Field(default_factory=dict)
     teacher: Annotated[str | None, AfterValidator(check_model_name)] = None
     student: Annotated[str | None, AfterValidator(check_model_name)] = None
-    priority: Literal["high", "normal", "low"] = "normal"
+    priority: Literal[PRIORITIES] = "normal"
     submitter: Annotated[str, Field(max_length=100)] = "kd-client"
     force_publish: bool = False
     submitted_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

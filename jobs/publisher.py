@@ -108,14 +108,15 @@ def _files(root: Path) -> list[Path]:
 
 
 def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Temp file in the same directory, fsync, chmod, os.replace: readers see old or new, never half."""
+    """Temp file in the same directory, created with its final mode (it may hold a secret), fsync,
+    os.replace: readers see the old or the new content, never half."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+        os.chmod(tmp, mode)  # the umask may have narrowed it
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from pydantic import field_validator
+from pydantic import ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from jobs.errors import ConfigError
 
 
 class QueueSettings(BaseSettings):
@@ -41,3 +44,15 @@ class QueueSettings(BaseSettings):
         if not v or not all(c.isalnum() or c in "-_." for c in v):
             raise ValueError(f"KD_QUEUE={v!r}: use letters, digits, '-', '_' or '.'")
         return v
+
+
+S = TypeVar("S", bound=QueueSettings)
+
+
+def load_settings(cls: type[S], **overrides: Any) -> S:
+    """Build a settings class from the environment; a bad variable is a ConfigError naming it."""
+    try:
+        return cls(**overrides)
+    except ValidationError as e:
+        lines = [f"KD_{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in e.errors()]
+        raise ConfigError("invalid settings: " + "; ".join(lines)) from e

@@ -33,6 +33,7 @@ from jobs.models import check_domain
 from jobs.publisher import locked, write_json_atomic
 from jobs.records import Record, dump_records, parse_record
 from kd_client import queue as Q
+from jobs.settings import load_settings
 from kd_client.settings import ClientSettings
 
 log = structlog.get_logger(__name__)
@@ -49,7 +50,7 @@ class Receipt:
 class KDClient:
     def __init__(self, settings: ClientSettings | None = None, submitter: str = "ego",
                  connection: redis.Redis | None = None, **overrides: Any):
-        self.settings = settings or ClientSettings(**overrides)
+        self.settings = settings or load_settings(ClientSettings, **overrides)
         self.submitter = submitter
         self.spool = Path(self.settings.spool_dir)
         for sub in ("accum", "outbox"):
@@ -71,9 +72,9 @@ class KDClient:
                  "teacher": teacher, "student": student,
                  "datasets": [{"kind": k, "name": f"{self.submitter}-{k}.jsonl", "data": dump_records(r).decode()}
                               for k, r in parts]}
-        self._job(entry)  # fail fast on bad settings, before anything is spooled
+        built = self._job(entry)  # fail fast on bad settings, before anything is spooled
         path = self._write_outbox(entry)
-        receipts = self.deliver()
+        receipts = self.deliver({path.name: built})
         return receipts.get(path.name, Receipt(None, True, spool_file=str(path)))
 
     def submit_corrections(self, domain: str, records: Iterable[dict]) -> list[Receipt]:
@@ -101,8 +102,9 @@ class KDClient:
         out["outbox"] = len(list((self.spool / "outbox").iterdir()))
         return out
 
-    def deliver(self) -> dict[str, Receipt]:
-        """Send outbox entries oldest first; stop at the first connection failure (keep the rest)."""
+    def deliver(self, built: dict[str, tuple[Any, list[Q.Dataset]]] | None = None) -> dict[str, Receipt]:
+        """Send outbox entries oldest first; stop at the first connection failure (keep the rest).
+        `built`: jobs already validated for some entries (by file name), not rebuilt from disk."""
         done: dict[str, Receipt] = {}
         if time.monotonic() < self._down_until:
             return done
@@ -110,7 +112,7 @@ class KDClient:
             if path.name.startswith("."):
                 continue
             try:
-                sub = self._deliver_one(path)
+                sub = self._deliver_one(path, (built or {}).get(path.name))
             except redis.RedisError as e:  # refused, timed out, auth, not-a-Redis: keep it spooled
                 self._down_until = time.monotonic() + self.settings.retry_backoff_s
                 self._conn = self._given
@@ -150,7 +152,9 @@ class KDClient:
         write_json_atomic(path, entry)  # fsynced before it counts as accepted
         return path
 
-    def _deliver_one(self, path: Path) -> Q.Submitted:
+    def _deliver_one(self, path: Path, built: tuple[Any, list[Q.Dataset]] | None = None) -> Q.Submitted:
+        if built is not None:
+            return Q.submit(self._connection(), self.settings, *built)
         if path.name.endswith(".corrections.jsonl"):
             domain = path.name.split("-", 2)[2].removesuffix(".corrections.jsonl")
             entry = {"domain": domain, "overrides": {}, "priority": "normal", "force_publish": False,

@@ -13,10 +13,10 @@ from typing import Any
 
 from jobs.config import parse_overrides
 from jobs.errors import KDError
-from jobs.models import DOMAINS
+from jobs.models import DOMAINS, PRIORITIES
 from jobs.records import read_records
 
-EXIT_OK, EXIT_FAILED, EXIT_NOT_PUBLISHED, EXIT_STOPPED, EXIT_SPOOLED = 0, 1, 3, 4, 75
+EXIT_OK, EXIT_FAILED, EXIT_NOT_PUBLISHED, EXIT_STOPPED, EXIT_SPOOLED, EXIT_CONFIG = 0, 1, 3, 4, 75, 78
 FINAL = {"finished", "failed", "stopped", "canceled"}
 
 
@@ -51,10 +51,11 @@ def cmd_submit(args, settings) -> int:
     if not args.all_domains and not args.domain:
         raise KDError("give --domain D (or --all-domains)")
     overrides = parse_overrides(args.set or [])
+    given = [r for f in args.prompts or [] for r in _records(f, "prompts")]  # read once, not per domain
+    corrections = [r for f in args.corrections or [] for r in _records(f, "corrections")]
     code, receipts = EXIT_OK, []
     for domain in domains:
-        prompts = [r for f in (args.prompts or ([_sample(domain)] if args.all_domains else [])) for r in _records(f, "prompts")]
-        corrections = [r for f in args.corrections or [] for r in _records(f, "corrections")]
+        prompts = given or (_records(_sample(domain), "prompts") if args.all_domains else [])
         rec = client.submit(domain, prompts or None, corrections or None, overrides, args.priority, args.force,
                             args.teacher, args.student)
         receipts.append({"domain": domain, **rec.__dict__})
@@ -237,11 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("submit", help="queue a distillation job (spooled locally if Redis is unreachable)")
     s.add_argument("--domain", help="neuron name, e.g. memory")
-    s.add_argument("--all-domains", action="store_true", help="one job per bundled domain with its sample prompts")
+    s.add_argument("--all-domains", action="store_true",
+                   help="one job per bundled domain, with its sample prompts unless --prompts is given")
     s.add_argument("--prompts", action="append", metavar="FILE", help='JSONL of {"prompt": ...} or {"messages": [...]}')
     s.add_argument("--corrections", action="append", metavar="FILE", help='JSONL of {"prompt": ..., "response": ...}')
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="KD setting override, e.g. iterations=100")
-    s.add_argument("--priority", choices=("high", "normal", "low"), default="normal")
+    s.add_argument("--priority", choices=PRIORITIES, default="normal")
     s.add_argument("--teacher", help="teacher model directory name under the worker's KD_MODELS_ROOT")
     s.add_argument("--student", help="student model directory name under the worker's KD_MODELS_ROOT")
     s.add_argument("--force", action="store_true", help="publish even if the publish gate finds a regression")
@@ -278,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--to", type=int, help="version number (default: the one before the current)")
     rb.set_defaults(func=cmd_rollback)
 
-    fl = sub.add_parser("flush", help="deliver submissions spooled while Redis was unreachable")
+    fl = sub.add_parser("flush", help="enqueue accumulated corrections now and deliver submissions spooled while "
+                                      "Redis was unreachable")
     fl.add_argument("--submitter", default="kd-client")
     fl.set_defaults(func=cmd_flush)
 
@@ -302,15 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr),  # stdout is for results
                         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     args = build_parser().parse_args(argv)
-    from pydantic import ValidationError
-
+    from jobs.settings import load_settings
     from kd_client.settings import ClientSettings
 
     try:
-        settings = ClientSettings()
-    except ValidationError as e:
-        print(f"kd-client: invalid settings: {e.errors()[0]['msg']}", file=sys.stderr)
-        return 78
+        settings = load_settings(ClientSettings)
+    except KDError as e:
+        print(f"kd-client: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         return args.func(args, settings)
     except KDError as e:

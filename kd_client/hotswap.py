@@ -31,8 +31,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 ADAPTER_LEAVES = frozenset({"lora_a", "lora_b", "m"})  # mlx-lm's LoRA / DoRA parameters
-WEIGHTS = "adapters.safetensors"
-CONFIG = "adapter_config.json"
+WEIGHTS, CONFIG = publisher.WEIGHTS, publisher.ADAPTER_CONFIG
 
 
 class AdapterSwapError(ModelError):

@@ -4,6 +4,7 @@ worker). Training data goes to Redis once as a content-addressed blob."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -21,9 +22,8 @@ from rq.registry import (CanceledJobRegistry, DeferredJobRegistry, FailedJobRegi
 from rq.serializers import JSONSerializer
 
 from jobs.config import resolve_config
-from jobs.errors import ConfigError, DataError, KDError
-from jobs.models import (TASK_FUNC, DataRef, KDJob, active_key, blob_key, cancel_key, health_key, queue_names,
-                         seq_key)
+from jobs.errors import DataError, KDError
+from jobs.models import (TASK_FUNC, DataRef, KDJob, active_key, blob_key, cancel_key, health_key, parse_job, queue_names, seq_key)
 from jobs.records import read_records
 from kd_client.settings import ClientSettings
 
@@ -37,15 +37,14 @@ class Dataset:
     name: str
     records: int
 
-    @property
-    def sha256(self) -> str:
+    @functools.cached_property
+    def sha256(self) -> str:  # up to KD_MAX_DATA_BYTES: hashed once, read three times per submit
         return hashlib.sha256(self.data).hexdigest()
 
 
 @dataclass(frozen=True)
 class Submitted:
     job_id: str
-    status: str
     duplicate: bool
     ticket: int | None = None
 
@@ -63,15 +62,11 @@ def connect(settings: ClientSettings) -> redis.Redis:
 
 
 def build_job(domain: str, datasets: Sequence[Dataset], overrides: dict[str, Any] | None = None, **fields: Any) -> KDJob:
-    from pydantic import ValidationError
-
+    """The job payload, validated exactly as the worker will (jobs.models.parse_job)."""
     resolve_config(overrides or {})  # unknown or out-of-range settings fail at submit time
-    refs = tuple(DataRef(kind=d.kind, sha256=d.sha256, records=d.records, size=len(d.data), name=d.name[:200])
-                 for d in datasets)
-    try:
-        return KDJob(domain=domain, data=refs, overrides=overrides or {}, **fields)
-    except ValidationError as e:
-        raise ConfigError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from e
+    refs = [DataRef(kind=d.kind, sha256=d.sha256, records=d.records, size=len(d.data), name=d.name[:200])
+            for d in datasets]
+    return parse_job({"domain": domain, "data": refs, "overrides": overrides or {}, **fields})
 
 
 def fetch(conn: redis.Redis, job_id: str) -> Job | None:
@@ -86,9 +81,8 @@ def submit(conn: redis.Redis, settings: ClientSettings, job: KDJob, datasets: Se
     job_id = job.dedup_key()
     existing = fetch(conn, job_id)
     if existing is not None:
-        status = existing.get_status()
-        if status not in RESTARTABLE:
-            return Submitted(job_id, str(status.value if status else "unknown"), True, existing.meta.get("ticket"))
+        if existing.get_status(refresh=False) not in RESTARTABLE:  # Job.fetch already read the status
+            return Submitted(job_id, True, existing.meta.get("ticket"))
         existing.delete()  # a failed/stopped/canceled run is retried by submitting it again
     with conn.pipeline() as pipe:
         for d in datasets:
@@ -106,14 +100,14 @@ def submit(conn: redis.Redis, settings: ClientSettings, job: KDJob, datasets: Se
             description=f"kd {job.domain}: {sum(d.records for d in job.data)} records",
         )
     except DuplicateJobError:
-        return Submitted(job_id, "queued", True)
+        return Submitted(job_id, True)
     conn.zadd(active_key(job.domain), {job_id: ticket})
-    return Submitted(job_id, "queued", False, ticket)
+    return Submitted(job_id, False, ticket)
 
 
 def describe(job: Job) -> dict[str, Any]:
     """A JSON-ready view of a job: status, progress, outcome or error."""
-    status = job.get_status()
+    status = job.get_status(refresh=False)  # Job.fetch already read it
     result = job.latest_result()
     out: dict[str, Any] = {
         "id": job.id, "status": status.value if status else None, "domain": job.meta.get("domain"),
@@ -152,8 +146,7 @@ def all_job_ids(conn: redis.Redis, settings: ClientSettings) -> list[str]:
 
 def list_jobs(conn: redis.Redis, settings: ClientSettings, states: set[str] | None = None) -> list[dict[str, Any]]:
     jobs = [j for j in Job.fetch_many(all_job_ids(conn, settings), connection=conn, serializer=JSONSerializer) if j]
-    rows = [describe(j) for j in jobs]
-    rows = [r for r in rows if not states or r["status"] in states]
+    rows = [describe(j) for j in jobs if not states or j.get_status(refresh=False) in states]
     return sorted(rows, key=lambda r: r["enqueued_at"] or "")
 
 
@@ -162,7 +155,7 @@ def cancel(conn: redis.Redis, job_id: str) -> str:
     job = fetch(conn, job_id)
     if job is None:
         raise KDError(f"no job {job_id!r} (finished jobs are kept for KD_RESULT_TTL)")
-    status = job.get_status()
+    status = job.get_status(refresh=False)
     if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
         job.cancel()
         return "canceled"
@@ -178,11 +171,8 @@ def cancel(conn: redis.Redis, job_id: str) -> str:
 
 def workers(conn: redis.Redis) -> list[dict[str, Any]]:
     """Workers with a live health key (TTL-bound) and what they are doing."""
-    out = []
-    for key in conn.scan_iter(match=health_key("*")):
-        raw = conn.get(key)
-        if raw:
-            info = json.loads(raw)
-            info["age_s"] = round(time.time() - info.get("at", time.time()), 1)
-            out.append(info)
+    keys = list(conn.scan_iter(match=health_key("*")))
+    out = [json.loads(raw) for raw in (conn.mget(keys) if keys else []) if raw]  # a key may lapse in between
+    for info in out:
+        info["age_s"] = round(time.time() - info.get("at", time.time()), 1)
     return sorted(out, key=lambda w: w["name"])

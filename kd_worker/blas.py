@@ -97,7 +97,7 @@ def ensure_fast_blas(library: Path | None = None, coretype: str | None = None) -
     chosen = coretype or os.environ.get("OPENBLAS_CORETYPE") or choose_coretype(cpu_flags(_read("/proc/cpuinfo")))
     paths = [library] if library else candidate_paths(platform.machine())
     for path in paths:
-        if path is None or not Path(path).exists():
+        if not Path(path).exists():
             continue
         if chosen:
             os.environ["OPENBLAS_CORETYPE"] = chosen  # read by OpenBLAS when it initialises

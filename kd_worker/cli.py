@@ -59,8 +59,10 @@ def cmd_make_models(args: argparse.Namespace, settings: WorkerSettings, blas) ->
 
 
 def _file_sha(path: Path) -> str:
+    from jobs.publisher import sha256_file
+
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return sha256_file(path)
     except OSError as e:
         raise KDError(f"cannot read {path}: {e.strerror}") from e
 
@@ -135,7 +137,7 @@ def wait_for_redis(conn, max_wait_s: float = 60.0) -> None:
             delay = min(delay * 2, max_wait_s)
 
 
-def _pings(conn) -> bool:
+def redis_answers(conn) -> bool:
     from redis import RedisError
 
     try:
@@ -159,7 +161,17 @@ def install_stop_handlers(control, started: list) -> None:
 
 
 def cmd_run(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
-    """The daemon: teacher resident before the loop; exit 0 only on a requested stop."""
+    """The daemon. Exit codes (the service restart rule): 0 after a requested stop (SIGTERM/SIGINT)
+    or when --burst/--max-jobs are done, 1 when the work loop ends otherwise, 78 on a bad configuration."""
+    try:
+        return serve(args, settings, blas)
+    except ConfigError as e:
+        print(f"kd-worker run: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def serve(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
+    """Teacher (and student) resident before the loop, then rq's loop, rejoining after Redis outages."""
     from redis import Redis, RedisError
     from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
     from rq import Queue
@@ -169,12 +181,8 @@ def cmd_run(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
     from kd_worker.runtime import JobControl, Runtime, WorkerContext, install_context
     from kd_worker.worker import KDWorker
 
-    try:
-        teacher = require_model_dir(settings.teacher, "KD_TEACHER")
-        student = require_model_dir(settings.student, "KD_STUDENT")
-    except KDError as e:
-        print(f"kd-worker run: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    teacher = require_model_dir(settings.teacher, "KD_TEACHER")
+    student = require_model_dir(settings.student, "KD_STUDENT")
     # TCP keepalive detects a dead peer; a unix socket connection refuses the option (TypeError)
     keepalive = {} if settings.redis_url.startswith("unix:") else {"socket_keepalive": True}
     conn = Redis.from_url(settings.redis_url, health_check_interval=30, **keepalive)
@@ -188,13 +196,9 @@ def cmd_run(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
         return EXIT_OK
     install_context(WorkerContext(settings, runtime, conn, control))
     queues = [Queue(n, connection=conn, serializer=JSONSerializer) for n in queue_names(settings.queue).values()]
-    try:
-        wait_for_redis(conn)  # before KDWorker(): its constructor already talks to Redis
-        worker = KDWorker(queues, conn, control, settings.heartbeat_interval, name=settings.worker_name)
-        worker.claim_name()
-    except KDError as e:
-        print(f"kd-worker run: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    wait_for_redis(conn)  # before KDWorker(): its constructor already talks to Redis
+    worker = KDWorker(queues, conn, control, settings.heartbeat_interval, name=settings.worker_name)
+    worker.claim_name()
     started.append(worker)
     worker.recover_orphans()
     worker.start_heartbeat()
@@ -210,13 +214,10 @@ def cmd_run(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
                 log.warning("work_loop_redis_error", error=str(e))
             if control.shutting_down or worker._stop_requested or args.burst or args.max_jobs:
                 return EXIT_OK
-            if worker.lost_redis or not _pings(conn):
+            if worker.lost_redis or not redis_answers(conn):
                 try:
                     wait_for_redis(conn)  # Redis went away mid-loop: wait, recover our jobs, resume
                     worker.rejoin()
-                except KDError as e:
-                    print(f"kd-worker run: {e}", file=sys.stderr)
-                    return EXIT_CONFIG
                 except RedisError as e:  # gone again: wait once more
                     worker.lost_redis = True
                     log.warning("rejoin_failed", error=str(e))
@@ -234,7 +235,8 @@ def cmd_demo(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kd-worker", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = argparse.ArgumentParser(prog="kd-worker", description="kd-daemon's worker: distil student LoRA adapters from a "
+                                "resident teacher (`run` serves the Redis queue; `distill` runs one job in-process).")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("doctor", help="check platform, MLX, BLAS speed, Redis, model dirs, adapters dir")
@@ -265,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     dm = sub.add_parser("demo", help="build tiny models, start Redis + a worker, distil `memory`, show the result")
-    dm.add_argument("--dir", default=".kd/demo", help="where models, Redis data, logs and the plot go")
+    dm.add_argument("--dir", default=".kd/demo", help="where the demo models, Redis data, work dir, logs and the plot "
+                    "go (the adapter goes to KD_ADAPTERS_DIR, default ./adapters_kd)")
     dm.add_argument("--iterations", type=int, default=200, help="training steps of the demo job")
     dm.set_defaults(func=cmd_demo)
 

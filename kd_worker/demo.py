@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from jobs import publisher
 from jobs.errors import ConfigError, KDError
 from kd_worker.settings import WorkerSettings
 
@@ -28,8 +29,16 @@ REPO = Path(__file__).resolve().parents[1]
 SPARK = "▁▂▃▄▅▆▇█"
 
 
-def _bin(name: str) -> str:
+def venv_bin(name: str) -> str:
+    """An executable of this virtualenv (kd-worker, kd-client)."""
     return str(Path(sys.executable).parent / name)
+
+
+def child_env(**kd: str) -> dict[str, str]:
+    """The environment of a worker/client we start: ours without KD_* (set explicitly), JSON logs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KD_")}
+    env.update(PYTHONUNBUFFERED="1", KD_LOG_FORMAT="json", **kd)
+    return env
 
 
 def _free_port() -> int:
@@ -41,10 +50,9 @@ def _free_port() -> int:
 def _redis_alive(url: str) -> bool:
     import redis
 
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
+    from kd_worker.cli import redis_answers
+
+    return redis_answers(redis.Redis.from_url(url, socket_connect_timeout=1))
 
 
 def _wait(cond, timeout: float, what: str) -> None:
@@ -81,9 +89,10 @@ def managed_redis(settings: WorkerSettings, workdir: Path, explicit_url: bool) -
 @contextlib.contextmanager
 def managed_worker(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([_bin("kd-worker"), "run"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        offset = log.tell()  # a second demo appends: only this run's lines count
+        proc = subprocess.Popen([venv_bin("kd-worker"), "run"], env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait(lambda: b'"worker_started"' in log_path.read_bytes() or proc.poll() is not None, 120,
+            _wait(lambda: b'"worker_started"' in log_path.read_bytes()[offset:] or proc.poll() is not None, 120,
                   "the worker to load its teacher")
             if proc.poll() is not None:
                 raise KDError(f"the worker exited ({proc.returncode}); see {log_path}")
@@ -131,14 +140,12 @@ def report(adapters: Path, workdir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    summary = json.loads((adapters / "kd_summary.json").read_text())
-    entry = summary["domains"]["memory"]
-    version = adapters / entry["path"]
-    metrics = json.loads((version / "kd_metrics.json").read_text())
+    version = publisher.resolve(adapters, "memory")
+    metrics = json.loads((version.path / publisher.METRICS).read_text())
     console = Console()
-    console.print(f"\n[bold]published[/] memory v{entry['version']}: {version}")
-    console.print(f"  adapters_kd/memory -> {os.readlink(adapters / 'memory' / 'current')}  "
-                  f"(files: {', '.join(sorted(p.name for p in version.iterdir()))})")
+    console.print(f"\n[bold]published[/] memory v{version.number}: {version.path}")
+    console.print(f"  adapters_kd/memory/{publisher.POINTER} -> versions/{version.name}  "
+                  f"(files: {', '.join(sorted(p.name for p in version.path.iterdir()))})")
     table = Table(title="held-out, before -> after training")
     for col in ("metric", "before", "after"):
         table.add_column(col, justify="right")
@@ -150,7 +157,7 @@ def report(adapters: Path, workdir: Path) -> None:
     png = plot_png(metrics, workdir / "loss_memory.png")
     if png:
         console.print(f"loss curve: {png}")
-    console.print(f"kd_summary.json: {adapters / 'kd_summary.json'}")
+    console.print(f"kd_summary.json: {adapters / publisher.SUMMARY}")
 
 
 def run_demo(settings: WorkerSettings, workdir: Path, iterations: int, explicit_url: bool) -> int:
@@ -160,13 +167,11 @@ def run_demo(settings: WorkerSettings, workdir: Path, iterations: int, explicit_
     models = build_demo_models(workdir / "models", ("teacher", "student"))
     print(f"• demo models in {workdir / 'models'} (teacher: Qwen2-shaped, student: smaller Qwen2, one tokenizer)")
     with managed_redis(settings, workdir, explicit_url) as url:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KD_")}
-        env.update(KD_REDIS_URL=url, KD_TEACHER=str(models["teacher"]), KD_STUDENT=str(models["student"]),
-                   KD_WORK_DIR=str(workdir / "work"), KD_ADAPTERS_DIR=str(settings.adapters_dir.resolve()),
-                   KD_SPOOL_DIR=str(workdir / "spool"), KD_LOG_FORMAT="json", KD_WORKER_NAME=f"demo@{os.getpid()}",
-                   PYTHONUNBUFFERED="1")
+        env = child_env(KD_REDIS_URL=url, KD_TEACHER=str(models["teacher"]), KD_STUDENT=str(models["student"]),
+                        KD_WORK_DIR=str(workdir / "work"), KD_ADAPTERS_DIR=str(settings.adapters_dir.resolve()),
+                        KD_SPOOL_DIR=str(workdir / "spool"), KD_WORKER_NAME=f"demo@{os.getpid()}")
         with managed_worker(env, workdir / "worker.log"):
-            cmd = [_bin("kd-client"), "submit", "--domain", "memory", "--prompts",
+            cmd = [venv_bin("kd-client"), "submit", "--domain", "memory", "--prompts",
                    str(REPO / "jobs" / "samples" / "memory.jsonl"), "--set", f"iterations={iterations}",
                    "--set", f"val_every={max(1, iterations // 4)}", "--set", f"save_every={max(1, iterations // 2)}",
                    "--wait"]

@@ -79,8 +79,8 @@ def run_checks(settings: WorkerSettings, blas: BlasInfo) -> list[Check]:
         Check("platform", "ok", f"{platform.system()} {platform.machine()}, Python {sys.version.split()[0]}"),
         Check("mlx", "ok", f"{mx.__version__}, default device {mx.default_device()}"),
     ]
-    library = mapped_blas(Path("/proc/self/maps").read_text()) if sys.platform == "linux" else None
     if sys.platform == "linux":
+        library = mapped_blas(Path("/proc/self/maps").read_text())
         status = "ok" if library and "openblas" in library.lower() else "fail"
         checks.append(Check("blas", status, f"{library or 'unknown'} (OPENBLAS_CORETYPE={blas.coretype}); {blas.note}"))
         gf, gf_np = matmul_gflops()

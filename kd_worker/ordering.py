@@ -44,7 +44,7 @@ def _fetch(conn: Redis, job_id: str) -> Job | None:
 def is_running(conn: Redis, job: Job) -> bool:
     """Started, and its worker still sends heartbeats (a killed worker's job stays "started" in
     rq until its registry entry expires or the worker restarts and recovers it)."""
-    if job.get_status() != JobStatus.STARTED:
+    if job.get_status(refresh=False) != JobStatus.STARTED:  # as read by Job.fetch
         return False
     return not job.worker_name or bool(conn.exists(health_key(job.worker_name)))
 
@@ -55,7 +55,7 @@ def running_earlier(conn: Redis, domain: str, ticket: int) -> list[str]:
     for raw, _ in conn.zrangebyscore(active_key(domain), "-inf", ticket - 1, withscores=True):
         jid = raw.decode()
         job = _fetch(conn, jid)
-        if job is None or job.get_status() in SETTLED:
+        if job is None or job.get_status(refresh=False) in SETTLED:
             conn.zrem(active_key(domain), jid)
         elif is_running(conn, job):
             running.append(jid)

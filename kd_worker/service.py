@@ -26,6 +26,7 @@ from xml.parsers.expat import ExpatError
 from xml.sax.saxutils import escape
 
 from jobs.errors import ConfigError
+from jobs.publisher import write_bytes_atomic
 from kd_worker.settings import WorkerSettings
 
 ACTIONS = ("install", "uninstall", "status")
@@ -384,14 +385,9 @@ def _perform(step: Step) -> int:
 
 
 def _write(path: Path, text: str, mode: int) -> None:
-    # Created with its final mode (a plist/env file may hold the Redis password), then swapped in.
+    # A plist/env file may hold the Redis password: created with its final mode, then swapped in.
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, text.encode("utf-8"), mode)
 
 
 def _execute(argv: tuple[str, ...], quiet: bool) -> int:

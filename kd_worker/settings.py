@@ -10,6 +10,7 @@ from pydantic import AliasChoices, Field, field_validator
 
 from jobs.errors import ConfigError
 from jobs.settings import QueueSettings
+from jobs.settings import load_settings as load_queue_settings
 
 
 def _default_work_dir() -> Path:
@@ -32,7 +33,7 @@ class WorkerSettings(QueueSettings):
         default=None, validation_alias=AliasChoices("KD_OPENBLAS_CORETYPE", "OPENBLAS_CORETYPE")
     )
     worker_name: str = Field(default_factory=lambda: f"kd@{socket.gethostname()}")
-    heartbeat_interval: float = 5.0  # seconds between heartbeats while a job runs
+    heartbeat_interval: float = 5.0  # seconds between heartbeats (health key, and the running job's registry entry)
     # Seconds launchd/systemd wait after SIGTERM before SIGKILL (ExitTimeOut / TimeoutStopSec):
     # time to checkpoint the running job at its next training step and requeue it.
     shutdown_grace: int = Field(default=60, ge=5, le=3600)
@@ -60,16 +61,7 @@ class WorkerSettings(QueueSettings):
 
 def load_settings(**overrides: Any) -> WorkerSettings:
     """Build WorkerSettings; a bad variable becomes a ConfigError that names what to set."""
-    from pydantic import ValidationError
-
-    try:
-        return WorkerSettings(**overrides)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            field = ".".join(str(p) for p in err["loc"])
-            lines.append(f"KD_{field.upper()}: {err['msg']}")
-        raise ConfigError("invalid settings: " + "; ".join(lines)) from e
+    return load_queue_settings(WorkerSettings, **overrides)
 
 
 def require_model_dir(path: Path | None, var: str) -> Path:

@@ -5,7 +5,6 @@ file, fetches the training data by sha256, reports progress into job.meta, and r
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from rq.job import Job
 
 from jobs.config import resolve_config
 from jobs.errors import ConfigError, DataError, JobInterrupted, SecurityError
+from jobs.publisher import write_bytes_atomic
 from jobs.models import KDJob, blob_key, cancel_key, parse_job
 from kd_worker import ordering
 from kd_worker.distill import DistillRequest, run_distillation
@@ -45,9 +45,7 @@ def materialize_data(conn: Redis, job: KDJob, settings: WorkerSettings) -> tuple
             if len(blob) != ref.size or hashlib.sha256(blob).hexdigest() != ref.sha256:
                 raise DataError(f"{ref.name}: data does not match its sha256 {ref.sha256[:12]} (corrupt or tampered)")
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(blob)
-            os.replace(tmp, path)
+            write_bytes_atomic(path, blob)
         out.append((ref.kind, path))
     return tuple(out)
 

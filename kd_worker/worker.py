@@ -107,11 +107,15 @@ class KDWorker(SimpleWorker):
                 "queues": self.queue_names(), "shutting_down": self.control.shutting_down}
 
     def _beat_once(self) -> None:
-        ttl = int(self.heartbeat_interval * 3) + 1
-        self.connection.set(health_key(self.name), json.dumps(self.health()), ex=ttl)
+        self.connection.set(health_key(self.name), json.dumps(self.health()), ex=self.health_ttl)
         current = self._current
         if current is not None:
             self.maintain_heartbeats(*current)
+
+    @property
+    def health_ttl(self) -> int:
+        """A health key outlives two missed heartbeats, then a dead worker's name is free again."""
+        return int(self.heartbeat_interval * 3) + 1
 
     def _beat_loop(self) -> None:
         while not self._beat_stop.wait(self.heartbeat_interval):
@@ -138,14 +142,13 @@ class KDWorker(SimpleWorker):
     def claim_name(self) -> None:
         """Refuse a name that a live worker holds; clear the key a dead one left behind. A
         predecessor that just crashed still has a health key for up to its TTL: wait that out."""
-        deadline = time.monotonic() + self.heartbeat_interval * 3 + 2
+        deadline = time.monotonic() + self.health_ttl + 1
         while self.connection.exists(health_key(self.name)):
             if time.monotonic() > deadline:
                 raise ConfigError(f"a worker named {self.name!r} is alive (its health key is refreshed); "
                                   "give this one another KD_WORKER_NAME")
             time.sleep(0.5)  # waiting for a TTL to lapse
-        if self.connection.exists(self.key):
-            self.connection.delete(self.key)
+        self.connection.delete(self.key)
 
     def rejoin(self) -> list[str]:
         """After Redis came back: drop the registration whose death rq could not record (rq refuses

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from kd_worker.demo import child_env, venv_bin  # noqa: F401 (venv_bin: the same executables the demo starts)
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"iterations": 20, "gen_max_tokens": 24, "val_every": 10, "save_every": 10, "batch_size": 4}  # KD_KD_DEFAULTS
@@ -97,14 +97,9 @@ class RedisServer:
 
 
 def kd_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KD_")}
-    env.update({"PYTHONUNBUFFERED": "1", "KD_LOG_FORMAT": "json"})
-    env.update(extra)
-    return env
+    return child_env(**extra)
 
 
-def venv_bin(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
 
 
 class WorkerProcess:
