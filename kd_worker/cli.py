@@ -197,10 +197,12 @@ def serve(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
     install_context(WorkerContext(settings, runtime, conn, control))
     queues = [Queue(n, connection=conn, serializer=JSONSerializer) for n in queue_names(settings.queue).values()]
     wait_for_redis(conn)  # before KDWorker(): its constructor already talks to Redis
-    worker = KDWorker(queues, conn, control, settings.heartbeat_interval, name=settings.worker_name)
+    worker = KDWorker(queues, conn, control, settings.heartbeat_interval, settings.lost_job_grace,
+                      name=settings.worker_name)
     worker.claim_name()
     started.append(worker)
     worker.recover_orphans()
+    worker.sweep_lost_jobs()  # first sighting; the heartbeat requeues them a grace period later
     worker.start_heartbeat()
     log.info("worker_started", name=worker.name, queues=worker.queue_names(), teacher=str(teacher), blas=blas.library)
     try:

@@ -37,6 +37,7 @@ class WorkerSettings(QueueSettings):
     # Seconds launchd/systemd wait after SIGTERM before SIGKILL (ExitTimeOut / TimeoutStopSec):
     # time to checkpoint the running job at its next training step and requeue it.
     shutdown_grace: int = Field(default=60, ge=5, le=3600)
+    lost_job_grace: float = Field(default=60.0, gt=0)  # a "queued" job in no queue this long is requeued
     keep_versions: int = Field(default=5, ge=1)  # published versions kept per domain
     kd_defaults: dict[str, Any] = Field(default_factory=dict)  # KDConfig defaults, JSON
     max_examples: int = Field(default=20_000, ge=1)

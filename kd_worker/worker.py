@@ -29,24 +29,26 @@ from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutErr
 from rq import SimpleWorker
 from rq.exceptions import DeserializationError
 from rq.executions import Execution
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 from rq.worker import WorkerStatus
 
 from jobs.errors import ConfigError, JobCanceled, KDError, SecurityError
-from jobs.models import ALLOWED_TASKS, health_key
+from jobs.models import ALLOWED_TASKS, active_key, health_key
 from kd_worker.runtime import JobControl
 
 log = structlog.get_logger(__name__)
 
 
 class KDWorker(SimpleWorker):
-    def __init__(self, queues, connection: Redis, control: JobControl, heartbeat_interval: float = 5.0, **kwargs):
+    def __init__(self, queues, connection: Redis, control: JobControl, heartbeat_interval: float = 5.0,
+                 lost_job_grace: float = 60.0, **kwargs):
         super().__init__(queues, connection=connection, serializer=JSONSerializer, **kwargs)
         self.control = control
         self.heartbeat_interval = heartbeat_interval
+        self.lost_job_grace = lost_job_grace
         self._current: tuple[Job, Execution] | None = None
         self._beat_stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
@@ -118,9 +120,14 @@ class KDWorker(SimpleWorker):
         return int(self.heartbeat_interval * 3) + 1
 
     def _beat_loop(self) -> None:
+        sweep_every = max(1, round(self.lost_job_grace / 2 / self.heartbeat_interval))
+        beats = 0
         while not self._beat_stop.wait(self.heartbeat_interval):
+            beats += 1
             try:
                 self._beat_once()
+                if beats % sweep_every == 0:
+                    self.sweep_lost_jobs()
             except RedisError as e:
                 log.warning("heartbeat_failed", error=str(e))
 
@@ -157,6 +164,31 @@ class KDWorker(SimpleWorker):
         self.connection.delete(self.key)
         self.lost_redis = False
         return self.recover_orphans()
+
+    def sweep_lost_jobs(self) -> list[str]:
+        """rq pops from several queues with BLPOP, so a job popped by a worker (or in Redis's last
+        unsynced second) that died before marking it started is "queued" in no queue. Unsettled
+        jobs (kd:active:*) seen like that twice, `lost_job_grace` apart, go back to the front of
+        their queue (a live worker marks a popped job started within milliseconds)."""
+        queues, requeued = {q.name: q for q in self.queues}, []
+        for key in self.connection.scan_iter(match=active_key("*")):
+            ids = [raw.decode() for raw in self.connection.zrange(key, 0, -1)]
+            for job in Job.fetch_many(ids, connection=self.connection, serializer=self.serializer):
+                queue = queues.get(job.origin) if job is not None else None
+                if queue is None or job.get_status(refresh=False) != JobStatus.QUEUED:
+                    continue
+                if self.connection.lpos(queue.key, job.id) is not None:
+                    continue
+                marker = f"kd:lost:{job.id}"
+                if self.connection.set(marker, time.time(), nx=True, ex=24 * 3600):
+                    continue  # first sighting: it may be between a live worker's pop and start
+                if time.time() - float(self.connection.get(marker) or time.time()) >= self.lost_job_grace:
+                    queue.enqueue_job(job, at_front=True)
+                    self.connection.delete(marker)
+                    requeued.append(job.id)
+        if requeued:
+            log.warning("lost_jobs_requeued", jobs=requeued)
+        return requeued
 
     def recover_orphans(self) -> list[str]:
         """Requeue (via rq's abandoned-job path) the jobs this worker name left started."""
