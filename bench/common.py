@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: a fast BLAS before mlx, machine facts, a table, a JSON result file.
+"""Shared by the benchmarks: a fast BLAS before mlx, machine facts, a table, a JSON result file,
+the bundled sample prompts, a wait for a queued job.
 
 Import this module first in every benchmark (it loads OpenBLAS before anything imports mlx).
 """
@@ -18,7 +19,9 @@ from typing import Any
 from kd_worker.blas import ensure_fast_blas
 
 BLAS = ensure_fast_blas()
+REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
+FINAL = {"finished", "failed", "stopped", "canceled"}  # rq states a job never leaves
 
 
 def machine() -> dict[str, Any]:
@@ -68,3 +71,25 @@ def report(name: str, title: str, columns: list[str], rows: list[list[Any]], ext
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(f"saved {path}")
     return path
+
+
+def sample_prompts() -> list[str]:
+    """The prompts of the bundled domain samples (jobs/samples/*.jsonl), in file order."""
+    from kd_worker.tinymodels import bundled_prompts
+
+    return bundled_prompts()
+
+
+def wait_job(conn, job_id: str, timeout: float):
+    """The finished rq job. Raises once it is final in any other state (its timings would measure
+    nothing) or still not final after `timeout` seconds: a bench never hangs on a job."""
+    from kd_client import queue as Q
+
+    deadline = time.monotonic() + timeout
+    while (status := (job := Q.fetch(conn, job_id)).get_status()) not in FINAL:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} is still {status} after {timeout}s")
+        time.sleep(0.01)  # polling the job state
+    if status != "finished":
+        raise RuntimeError(f"job {job_id} ended {status}: {Q.describe(job).get('error')}")
+    return job

@@ -8,19 +8,15 @@ scoring forward pass. Greedy decoding, so both produce the same tokens. Target o
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import report
-
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import report, sample_prompts
 
 
 def prompts() -> list[list[dict]]:
-    return [[{"role": "user", "content": json.loads(x)["prompt"]}]
-            for f in sorted((REPO / "jobs" / "samples").glob("*.jsonl")) for x in f.read_text().splitlines()]
+    return [[{"role": "user", "content": p}] for p in sample_prompts()]
 
 
 def ours(lm, convs, max_tokens: int, cache_dir: Path, batch: int) -> tuple[float, int]:

@@ -46,6 +46,7 @@ import numpy as np
 from bench import quality_eval as qe
 from bench import quality_models as qm
 from bench import quality_task as task
+from kd_worker.demo import child_env, venv_bin
 
 EVAL_VERSION = 1
 N_TRAIN, N_EVAL = 360, 300  # distinct prompts, 60 / 50 per question type
@@ -120,13 +121,12 @@ def distill(row: Row, seed: int, models: dict[str, Path], prompts: Path, work: P
     out = work / "adapters" / row.id / f"seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
     sets = {**COMMON, **row.overrides, "seed": seed}
-    cmd = [str(Path(sys.executable).parent / "kd-worker"), "distill", "--domain", "quality", "--prompts", str(prompts),
+    cmd = [venv_bin("kd-worker"), "distill", "--domain", "quality", "--prompts", str(prompts),
            "--teacher", str(models["quality-teacher"]), "--student", str(models[row.student]), "--out", str(out),
            "--json", "--force"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KD_")}
-    env.update(KD_WORK_DIR=str(work / "engine"), KD_LOG_FORMAT="json", KD_LOG_LEVEL="warning")
+    env = child_env(KD_WORK_DIR=str(work / "engine"), KD_LOG_LEVEL="warning")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"kd-worker distill failed ({proc.returncode}) for {row.id} seed {seed}:\n{proc.stderr[-3000:]}")

@@ -14,7 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import report
+from bench.common import report, wait_job
+
+JOB_TIMEOUT = 120  # seconds for one 5-step job on the tiny models
 
 
 def enqueue_throughput(url: str, spool: Path, n: int) -> list[list]:
@@ -45,18 +47,16 @@ def enqueue_throughput(url: str, spool: Path, n: int) -> list[list]:
 
 def job_latencies(url: str, workdir: Path, jobs: int) -> tuple[list[float], list[float], list[float]]:
     import json
-    import os
 
     from kd_client import queue as Q
     from kd_client.settings import ClientSettings
-    from kd_worker.demo import managed_worker
+    from kd_worker.demo import child_env, managed_worker
     from kd_worker.tinymodels import build_demo_models
 
     models = build_demo_models(workdir / "models", ("teacher", "student"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KD_")}
-    env.update(KD_REDIS_URL=url, KD_TEACHER=str(models["teacher"]), KD_STUDENT=str(models["student"]),
-               KD_WORK_DIR=str(workdir / "work"), KD_ADAPTERS_DIR=str(workdir / "adapters"), KD_LOG_FORMAT="json",
-               KD_WORKER_NAME="bench", KD_KD_DEFAULTS=json.dumps({"iterations": 5, "gen_max_tokens": 16}))
+    env = child_env(KD_REDIS_URL=url, KD_TEACHER=str(models["teacher"]), KD_STUDENT=str(models["student"]),
+                    KD_WORK_DIR=str(workdir / "work"), KD_ADAPTERS_DIR=str(workdir / "adapters"),
+                    KD_WORKER_NAME="bench", KD_KD_DEFAULTS=json.dumps({"iterations": 5, "gen_max_tokens": 16}))
     s = ClientSettings(redis_url=url, spool_dir=workdir / "spool")
     conn = Q.connect(s)
     latency, overhead, wall = [], [], []
@@ -65,9 +65,7 @@ def job_latencies(url: str, workdir: Path, jobs: int) -> tuple[list[float], list
             ds = Q.prepare_dataset("prompts", f'{{"prompt": "Remember item {i}?"}}\n'.encode(), "p.jsonl", s.max_data_bytes)
             t0 = time.time()
             sub = Q.submit(conn, s, Q.build_job("memory", [ds], {"seed": i}), [ds])
-            while (job := Q.fetch(conn, sub.job_id)).get_status() != "finished":
-                time.sleep(0.01)  # polling the job state
-            result = job.latest_result()
+            result = wait_job(conn, sub.job_id, JOB_TIMEOUT).latest_result()
             latency.append(result.execution_started_at.timestamp() - t0)
             run = (result.execution_ended_at - result.execution_started_at).total_seconds()
             wall.append(run)

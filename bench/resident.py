@@ -10,20 +10,18 @@ Both see a warm target cache (a first job fills it), so the difference is what r
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.common import report
+from bench.common import REPO, report, wait_job
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "jobs" / "samples" / "memory.jsonl"
 KD = {"iterations": 10, "gen_max_tokens": 32, "val_every": 10, "save_every": 10}
+JOB_TIMEOUT = 1800  # seconds for one job (the medium shape included)
 
 
 def lr(i: int) -> float:
@@ -43,11 +41,13 @@ def build(shape: str, root: Path) -> tuple[Path, Path]:
 
 
 def cold_runs(env: dict, teacher: Path, student: Path, out: Path, jobs: int) -> list[float]:
+    from kd_worker.demo import venv_bin
+
     times = []
     for i in range(jobs + 1):
         sets = [a for k, v in {**KD, "learning_rate": lr(i)}.items() for a in ("--set", f"{k}={v}")]
         t = time.perf_counter()
-        subprocess.run([str(Path(sys.executable).parent / "kd-worker"), "distill", "--domain", "memory", "--prompts",
+        subprocess.run([venv_bin("kd-worker"), "distill", "--domain", "memory", "--prompts",
                         str(DATA), "--teacher", str(teacher), "--student", str(student), "--out", str(out), "--json", "--force",
                         *sets], env=env, check=True, capture_output=True)
         times.append(time.perf_counter() - t)
@@ -68,9 +68,7 @@ def resident_runs(env: dict, work: Path, jobs: int) -> tuple[list[float], float]
         startup = time.perf_counter() - t_start
         for i in range(jobs + 1):
             sub = Q.submit(conn, s, Q.build_job("memory", [ds], {**KD, "learning_rate": lr(100 + i)}, force_publish=True), [ds])
-            while (job := Q.fetch(conn, sub.job_id)).get_status() not in ("finished", "failed"):
-                time.sleep(0.01)  # polling the job state
-            r = job.latest_result()
+            r = wait_job(conn, sub.job_id, JOB_TIMEOUT).latest_result()
             times.append((r.execution_ended_at - r.execution_started_at).total_seconds())
     return times[1:], startup
 
@@ -80,16 +78,16 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=4)
     ap.add_argument("--shape", choices=("tiny", "medium"), default="tiny")
     args = ap.parse_args()
-    from kd_worker.demo import managed_redis
+    from kd_worker.demo import child_env, managed_redis
     from kd_worker.settings import WorkerSettings
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         teacher, student = build(args.shape, tmp / "models")
         with managed_redis(WorkerSettings(), tmp, explicit_url=False) as url:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("KD_")}
-            env.update(KD_REDIS_URL=url, KD_TEACHER=str(teacher), KD_STUDENT=str(student), KD_WORK_DIR=str(tmp / "work"),
-                       KD_ADAPTERS_DIR=str(tmp / "adapters"), KD_LOG_FORMAT="json", KD_WORKER_NAME="bench-resident")
+            env = child_env(KD_REDIS_URL=url, KD_TEACHER=str(teacher), KD_STUDENT=str(student),
+                            KD_WORK_DIR=str(tmp / "work"), KD_ADAPTERS_DIR=str(tmp / "adapters"),
+                            KD_WORKER_NAME="bench-resident")
             cold = cold_runs(env, teacher, student, tmp / "cold-adapters", args.jobs)
             warm, startup = resident_runs(env, tmp, args.jobs)
     med_c, med_w = statistics.median(cold), statistics.median(warm)

@@ -12,14 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import report
-
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import report, sample_prompts
 
 
 def prompts(n: int) -> list[dict]:
-    base = [json.loads(x)["prompt"] for f in sorted((REPO / "jobs" / "samples").glob("*.jsonl"))
-            for x in f.read_text().splitlines()]
+    base = sample_prompts()
     return [{"prompt": f"{base[i % len(base)]} (case {i})"} for i in range(n)]
 
 

@@ -8,13 +8,10 @@ a dense [N, V] teacher tensor. Target: <= 1 KB per token at k = 64.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-from bench.common import report
-
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import report, sample_prompts
 
 
 def storage_rows(root: Path) -> tuple[list[list], dict]:
@@ -25,10 +22,8 @@ def storage_rows(root: Path) -> tuple[list[list], dict]:
     from kd_worker.teacher import score
 
     lm = load_model_dir(build_qwen_model(root / "qwen"))
-    texts = [json.loads(x)["prompt"] for f in sorted((REPO / "jobs" / "samples").glob("*.jsonl"))
-             for x in f.read_text().splitlines()]
     pairs = []
-    for text in texts[:24]:
+    for text in sample_prompts()[:24]:
         prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "Answer briefly."}], add_generation_prompt=True)
         pairs.append((prompt, lm.hf_tokenizer.encode(text, add_special_tokens=False) + [lm.hf_tokenizer.eos_token_id]))
     tokens = sum(len(r) for _, r in pairs)

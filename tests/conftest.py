@@ -13,9 +13,7 @@ ensure_fast_blas()  # must precede every `import mlx.core` in the test session
 
 import pytest  # noqa: E402
 
-import json  # noqa: E402
-
-from helpers import FAST, RedisServer, WorkerProcess, kd_env  # noqa: E402
+from helpers import RedisServer, WorkerProcess, worker_env  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -51,18 +49,7 @@ def heartbeat_interval() -> str:
 @pytest.fixture
 def env(tmp_path, models_root, redis_url, heartbeat_interval) -> dict[str, str]:
     """Environment for worker and client processes: real Redis, tiny models, small jobs."""
-    return kd_env(
-        KD_REDIS_URL=redis_url,
-        KD_TEACHER=str(models_root / "teacher"),
-        KD_STUDENT=str(models_root / "student"),
-        KD_MODELS_ROOT=str(models_root),
-        KD_WORK_DIR=str(tmp_path / "work"),
-        KD_ADAPTERS_DIR=str(tmp_path / "adapters_kd"),
-        KD_SPOOL_DIR=str(tmp_path / "spool"),
-        KD_KD_DEFAULTS=json.dumps(FAST),
-        KD_HEARTBEAT_INTERVAL=heartbeat_interval,
-        KD_WORKER_NAME=f"test-{tmp_path.name}",
-    )
+    return worker_env(tmp_path, models_root, redis_url, heartbeat_interval)
 
 
 @pytest.fixture

@@ -1,7 +1,10 @@
-"""Test helpers: wait on conditions (never bare sleeps), a real redis-server, worker processes."""
+"""Test helpers: wait on conditions (never bare sleeps), a real redis-server, worker processes,
+job state read straight from Redis, the engine run in-process."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import signal
 import socket
@@ -11,9 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis
+
+from kd_client import queue as Q
 from kd_worker.demo import child_env, venv_bin  # noqa: F401 (venv_bin: the same executables the demo starts)
 
 REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "jobs" / "samples"
+SHIPPED_REDIS_CONF = REPO / "launchd" / "redis.conf"
 FAST = {"iterations": 20, "gen_max_tokens": 24, "val_every": 10, "save_every": 10, "batch_size": 4}  # KD_KD_DEFAULTS
 
 
@@ -38,12 +46,11 @@ def free_port() -> int:
 class RedisServer:
     """A real redis-server on a free loopback port (and a unix socket), owned by the test suite."""
 
-    def __init__(self, workdir: Path, appendonly: bool = False, password: str | None = None,
-                 config: Path | None = None):
+    def __init__(self, workdir: Path, password: str | None = None, config: Path | None = None):
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed; run `make setup` (or scripts/setup.sh)")
-        self.exe, self.workdir, self.appendonly, self.password = exe, Path(workdir), appendonly, password
+        self.exe, self.workdir, self.password = exe, Path(workdir), password
         self.config = config  # a redis.conf (e.g. the shipped launchd/redis.conf): its bind/AOF/eviction rule
         self.port = free_port()
         self.socket = self.workdir / "redis.sock"
@@ -68,22 +75,16 @@ class RedisServer:
             args = [self.exe, str(self.config), "--port", str(self.port), "--dir", str(self.workdir),
                     "--unixsocket", str(self.socket), "--unixsocketperm", "700", "--daemonize", "no",
                     "--logfile", str(self.workdir / "redis.log")]
-        if self.appendonly:
-            args += ["--appendonly", "yes", "--appendfsync", "everysec"]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self.ping, timeout=20, what=f"redis-server on port {self.port}")
         return self
 
-    def client(self):
-        import redis
-
+    def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=5)
 
     def ping(self) -> bool:
-        import redis
-
         try:
             return bool(self.client().ping())
         except redis.RedisError:
@@ -100,6 +101,77 @@ def kd_env(**extra: str) -> dict[str, str]:
     return child_env(**extra)
 
 
+def worker_env(tmp_path: Path, models_root: Path, redis_url: str, heartbeat_interval: str, **extra: str) -> dict[str, str]:
+    """Environment for worker and client processes: real Redis, tiny models, small jobs; `extra`
+    KD_* variables override (e.g. KD_WORKER_NAME, KD_MODELS_ROOT)."""
+    return kd_env(**{
+        "KD_REDIS_URL": redis_url,
+        "KD_TEACHER": str(models_root / "teacher"),
+        "KD_STUDENT": str(models_root / "student"),
+        "KD_MODELS_ROOT": str(models_root),
+        "KD_WORK_DIR": str(tmp_path / "work"),
+        "KD_ADAPTERS_DIR": str(tmp_path / "adapters_kd"),
+        "KD_SPOOL_DIR": str(tmp_path / "spool"),
+        "KD_KD_DEFAULTS": json.dumps(FAST),
+        "KD_HEARTBEAT_INTERVAL": heartbeat_interval,
+        "KD_WORKER_NAME": f"test-{tmp_path.name}",
+        **extra,
+    })
+
+
+# --- job state read straight from Redis: kd_client's `describe`, exactly what `kd-client status
+# --json` prints, without a process start per poll --------------------------------------------------
+def connect(env: dict[str, str]) -> redis.Redis:
+    return redis.Redis.from_url(env["KD_REDIS_URL"], socket_connect_timeout=2, socket_timeout=10)
+
+
+def row(conn: redis.Redis, job_id: str) -> dict[str, Any] | None:
+    job = Q.fetch(conn, job_id)
+    return None if job is None else Q.describe(job)
+
+
+def wait_status(conn: redis.Redis, job_id: str, states: set[str], timeout: float = 180) -> dict[str, Any]:
+    def settled():
+        r = row(conn, job_id)
+        return r if r and r["status"] in states else None
+
+    return wait_for(settled, timeout, interval=0.1, what=f"job {job_id} in {sorted(states)}")
+
+
+def wait_phase(conn: redis.Redis, job_id: str, phase: str, min_step: int = 0, since: float = 0.0,
+               timeout: float = 180, interval: float = 0.01) -> dict[str, Any]:
+    """Progress of the job once it reports `phase` (at `min_step` or later, written after the
+    time `since`: a killed run's last progress stays in job.meta); polls Redis every 10 ms."""
+    def there():
+        p = (row(conn, job_id) or {}).get("progress") or {}
+        fresh = p.get("updated_at", 0) >= since
+        return p if fresh and p.get("phase") == phase and p.get("step", 0) >= min_step else None
+
+    return wait_for(there, timeout, interval=interval, what=f"job {job_id} in phase {phase} (step >= {min_step})")
+
+
+# --- the engine in-process (no Redis) ----------------------------------------------------------
+def engine_settings(tmp: Path, **kw: Any):
+    from kd_worker.settings import WorkerSettings
+
+    return WorkerSettings(work_dir=tmp / "work", adapters_dir=tmp / "adapters_kd", **kw)
+
+
+def distill(tmp: Path, models_root: Path, domain: str = "memory", data: tuple | None = None, *,
+            teacher: str = "teacher", student: str = "student", overrides: dict | None = None, run_id: str = "r1",
+            job_id: str | None = None, force_publish: bool = False, reuse_outcome: bool = False, settings=None,
+            runtime=None, progress: Callable | None = None, should_stop: Callable | None = None,
+            publish_guard: Callable = contextlib.nullcontext) -> dict[str, Any]:
+    """One `run_distillation` on the tiny models; `data` defaults to the domain's bundled sample
+    prompts, `settings` to work/ and adapters_kd/ under `tmp`, `runtime` to a fresh one."""
+    from kd_worker.distill import DistillRequest, run_distillation
+    from kd_worker.runtime import Runtime
+
+    s = settings or engine_settings(tmp)
+    req = DistillRequest(domain, data or (("prompts", SAMPLES / f"{domain}.jsonl"),), models_root / teacher,
+                         models_root / student, run_id, overrides or {}, force_publish, job_id, reuse_outcome)
+    return run_distillation(req, runtime or Runtime(s), s, progress or (lambda p: None),
+                            should_stop or (lambda: None), publish_guard)
 
 
 class WorkerProcess:
@@ -122,8 +194,6 @@ class WorkerProcess:
         return self
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        import json
-
         out = []
         for line in self.log_path.read_text(errors="replace").splitlines():
             try:

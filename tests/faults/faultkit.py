@@ -2,8 +2,8 @@
 
 - job data whose phases (generate, score, train, validate, publish) last long enough to be hit
   by a signal sent when the job's own progress in job.meta says it is in that phase;
-- job state read straight from Redis with kd_client's `describe` (exactly what
-  `kd-client status --json` prints, without a process start per poll);
+- the phase a job reports, read straight from Redis (tests/helpers.py: `row`, `wait_status`,
+  `wait_phase`);
 - raw enqueues that bypass the client's validation: a buggy or hostile producer;
 - the invariants of adapters_kd/ that every fault must leave intact.
 """
@@ -20,13 +20,11 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from helpers import REPO, wait_for
+from helpers import connect, row
 from jobs import publisher
 from jobs.models import TASK_FUNC, blob_key
 from kd_client import queue as Q
 from kd_client.settings import ClientSettings
-
-SAMPLES = REPO / "jobs" / "samples"
 
 # A job whose phases each last about a second or more on the tiny models (2 shared cores):
 # 24 prompts x 48 generated tokens in batches of 4, 60 corrections of ~100 tokens (scoring and
@@ -57,10 +55,6 @@ def phased_data(tmp: Path) -> dict[str, list[Path]]:
 
 
 # --- Redis side ---------------------------------------------------------------------------------
-def connect(env: dict[str, str]) -> redis.Redis:
-    return redis.Redis.from_url(env["KD_REDIS_URL"], socket_connect_timeout=2, socket_timeout=10)
-
-
 def client_settings(env: dict[str, str], **over: Any) -> ClientSettings:
     return ClientSettings(redis_url=env["KD_REDIS_URL"], spool_dir=Path(env["KD_SPOOL_DIR"]),
                           adapters_dir=Path(env["KD_ADAPTERS_DIR"]), **over)
@@ -88,31 +82,6 @@ def raw_enqueue(conn: redis.Redis, kwargs: Any = None, func: str = TASK_FUNC, ar
     """Enqueue without any client-side check (what anyone able to write to Redis can do)."""
     q = Queue(queue, connection=conn, serializer=JSONSerializer)
     return q.enqueue(func, args=args, kwargs=kwargs or {}, job_id=job_id, meta=meta or {}, **kw).id
-
-
-def row(conn: redis.Redis, job_id: str) -> dict[str, Any] | None:
-    job = Q.fetch(conn, job_id)
-    return None if job is None else Q.describe(job)
-
-
-def wait_status(conn: redis.Redis, job_id: str, states: set[str], timeout: float = 180) -> dict[str, Any]:
-    def settled():
-        r = row(conn, job_id)
-        return r if r and r["status"] in states else None
-
-    return wait_for(settled, timeout, interval=0.1, what=f"job {job_id} in {sorted(states)}")
-
-
-def wait_phase(conn: redis.Redis, job_id: str, phase: str, min_step: int = 0, since: float = 0.0,
-               timeout: float = 180, interval: float = 0.01) -> dict[str, Any]:
-    """Progress of the job once it reports `phase` (at `min_step` or later, written after the
-    time `since`: a killed run's last progress stays in job.meta); polls Redis every 10 ms."""
-    def there():
-        p = (row(conn, job_id) or {}).get("progress") or {}
-        fresh = p.get("updated_at", 0) >= since
-        return p if fresh and p.get("phase") == phase and p.get("step", 0) >= min_step else None
-
-    return wait_for(there, timeout, interval=interval, what=f"job {job_id} in phase {phase} (step >= {min_step})")
 
 
 def meta_phase(conn: redis.Redis, job_id: str) -> str | None:

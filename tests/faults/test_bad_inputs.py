@@ -24,13 +24,11 @@ import pytest
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from helpers import FAST
-from faultkit import SAMPLES, connect, raw_enqueue, row, store_blob, submit, wait_status
-from helpers import WorkerProcess, kd_env
+from faultkit import client_settings, raw_enqueue, store_blob, submit
+from helpers import SAMPLES, WorkerProcess, connect, row, wait_status, worker_env
 from jobs.errors import KDError
 from jobs.models import TASK_FUNC, blob_key
 from kd_client import queue as Q
-from kd_client.settings import ClientSettings
 
 MAX_EXAMPLES, MAX_DATA_BYTES = 50, 16 * 1024 * 1024  # the corpus worker's limits
 GOOD = b'{"prompt": "What should be remembered about this user?"}\n'
@@ -224,11 +222,8 @@ def corpus(tmp_path_factory, models_root, redis_server):
     redis_server.client().flushall()
     tmp = tmp_path_factory.mktemp("corpus")
     build_bad_models(tmp / "models", models_root)
-    env = kd_env(KD_REDIS_URL=redis_server.url, KD_TEACHER=str(models_root / "teacher"),
-                 KD_STUDENT=str(models_root / "student"), KD_MODELS_ROOT=str(tmp / "models"),
-                 KD_WORK_DIR=str(tmp / "work"), KD_ADAPTERS_DIR=str(tmp / "adapters_kd"), KD_SPOOL_DIR=str(tmp / "spool"),
-                 KD_KD_DEFAULTS=json.dumps(FAST), KD_HEARTBEAT_INTERVAL="0.5", KD_WORKER_NAME="kd-corpus",
-                 KD_MAX_EXAMPLES=str(MAX_EXAMPLES), KD_MAX_DATA_BYTES=str(MAX_DATA_BYTES))
+    env = worker_env(tmp, models_root, redis_server.url, "0.5", KD_MODELS_ROOT=str(tmp / "models"),
+                     KD_WORKER_NAME="kd-corpus", KD_MAX_EXAMPLES=str(MAX_EXAMPLES), KD_MAX_DATA_BYTES=str(MAX_DATA_BYTES))
     w = WorkerProcess(env, tmp / "worker.log").start()
     conn = connect(env)
     ids, good = {}, []
@@ -262,7 +257,7 @@ def test_the_worker_lived_through_the_corpus_and_lost_nothing(corpus):
     assert sorted(e["job_id"] for e in failures) == sorted(corpus.ids.values())  # each once: none retried
     assert not (corpus.work.parent / "pwned").exists()  # nothing was unpickled
     assert not (corpus.work / "escaped").exists() and not list(corpus.work.rglob("*escaped*"))
-    assert not Q.list_jobs(corpus.conn, ClientSettings(redis_url=corpus.env["KD_REDIS_URL"]), {"queued", "started"})
+    assert not Q.list_jobs(corpus.conn, client_settings(corpus.env), {"queued", "started"})
 
 
 CLIENT_CASES = [c for c in CASES if c.client]

@@ -13,9 +13,9 @@ import signal
 import time
 from pathlib import Path
 
-from faultkit import (PHASED, SAMPLES, WARMUP, assert_consistent, connect, current_version, meta_phase, phased_data,
-                      staging_dirs, submit, version_numbers, wait_phase, wait_status)
-from helpers import wait_for
+from faultkit import (PHASED, WARMUP, assert_consistent, current_version, meta_phase, phased_data, staging_dirs, submit,
+                      version_numbers)
+from helpers import SAMPLES, connect, wait_for, wait_phase, wait_status
 from jobs.models import health_key
 
 
@@ -96,7 +96,7 @@ def previous_version_intact(adapters: Path) -> dict:
     return publisher.read_summary(adapters)["domains"]["memory"]
 
 
-def test_a_job_that_keeps_killing_its_worker_is_failed_after_max_attempts(env, worker, tmp_path):
+def test_a_job_that_keeps_killing_its_worker_is_failed_after_max_attempts(env, worker):
     """A poison job (here: killed in training every run) runs KD_MAX_ATTEMPTS times, then is failed."""
     conn, name = connect(env), "kd-poisoned"
     job = submit(env, "debug", prompts=[SAMPLES / "debug.jsonl"], max_attempts=2,

@@ -7,8 +7,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from faultkit import SAMPLES, assert_consistent, connect, row, submit, version_numbers, wait_phase, wait_status
-from helpers import wait_for
+from faultkit import assert_consistent, submit, version_numbers
+from helpers import SAMPLES, connect, row, wait_for, wait_phase, wait_status
 from jobs import publisher
 from jobs.models import health_key
 

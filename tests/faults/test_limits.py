@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from faultkit import SAMPLES, connect, row, submit, wait_status, write_prompts
+from faultkit import submit, write_prompts
+from helpers import SAMPLES, connect, row, wait_status
 
 
 def test_a_job_over_its_timeout_fails_and_the_next_job_of_the_domain_runs(env, worker):

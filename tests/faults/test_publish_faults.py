@@ -9,14 +9,15 @@ onto /dev/full (a real ENOSPC), and a regular file where the domain's directory 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 from pathlib import Path
 
 import pytest
 
-from faultkit import (SAMPLES, WARMUP, assert_consistent, connect, current_version, row, staging_dirs, submit,
-                      version_numbers, wait_phase, wait_status)
+from faultkit import WARMUP, assert_consistent, current_version, staging_dirs, submit, version_numbers
+from helpers import SAMPLES, connect, distill, engine_settings, row, wait_phase, wait_status
 from jobs import publisher
 from jobs.errors import PublishError
 
@@ -94,15 +95,15 @@ def test_a_retry_after_the_bookkeeping_of_a_publish_failed_does_not_publish_twic
     raises, rq retries it, and the retry must find its own version instead of publishing another."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from kd_worker.distill import DistillRequest, run_distillation
     from kd_worker.runtime import Runtime
-    from kd_worker.settings import WorkerSettings
 
-    settings = WorkerSettings(work_dir=tmp_path / "work", adapters_dir=tmp_path / "adapters_kd")
+    settings = engine_settings(tmp_path)
     runtime = Runtime(settings)
-    req = DistillRequest("memory", (("prompts", SAMPLES / "memory.jsonl"),), models_root / "teacher",
-                         models_root / "student", "job-1", {"iterations": 4, "save_every": 4, "gen_max_tokens": 8},
-                         job_id="job-1", reuse_outcome=True)
+
+    def run(publish_guard=contextlib.nullcontext) -> dict:  # one submission's queue retries, on one worker
+        return distill(tmp_path, models_root, overrides={"iterations": 4, "save_every": 4, "gen_max_tokens": 8},
+                       run_id="job-1", job_id="job-1", reuse_outcome=True, settings=settings, runtime=runtime,
+                       publish_guard=publish_guard)
 
     class RedisLostOnExit:
         def __enter__(self):
@@ -112,8 +113,8 @@ def test_a_retry_after_the_bookkeeping_of_a_publish_failed_does_not_publish_twic
             raise RedisConnectionError("Connection closed by server.")
 
     with pytest.raises(RedisConnectionError):
-        run_distillation(req, runtime, settings, lambda p: None, lambda: None, publish_guard=RedisLostOnExit)
+        run(publish_guard=RedisLostOnExit)
     assert version_numbers(settings.adapters_dir, "memory") == [1]
-    again = run_distillation(req, runtime, settings, lambda p: None, lambda: None)
+    again = run()
     assert again["published"] and again["version"] == 1
     assert version_numbers(settings.adapters_dir, "memory") == [1]

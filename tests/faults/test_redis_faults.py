@@ -8,20 +8,9 @@ import json
 import signal
 from pathlib import Path
 
-import pytest
-
-from faultkit import SAMPLES, connect, current_version, row, submit, version_numbers, wait_phase, wait_status
-from helpers import REPO, RedisServer, WorkerProcess
+from faultkit import current_version, submit, version_numbers
+from helpers import SAMPLES, SHIPPED_REDIS_CONF, RedisServer, WorkerProcess, connect, row, wait_phase, wait_status
 from kd_client.api import KDClient
-
-SHIPPED_CONF = REPO / "launchd" / "redis.conf"
-
-
-@pytest.fixture
-def shipped_redis(tmp_path):
-    server = RedisServer(tmp_path / "redis", config=SHIPPED_CONF).start()
-    yield server
-    server.stop()
 
 
 def test_redis_restart_keeps_queued_jobs_and_the_worker_reconnects(env, worker, shipped_redis):
@@ -74,7 +63,7 @@ def test_redis_away_for_a_while_the_worker_waits_and_producers_spool(env, worker
 
 def test_a_worker_started_before_redis_waits_for_it(env, tmp_path):
     """Boot order is not guaranteed (launchd starts agents in any order): no crash, no exit."""
-    server = RedisServer(tmp_path / "late-redis", config=SHIPPED_CONF)  # its port is chosen, not yet listening
+    server = RedisServer(tmp_path / "late-redis", config=SHIPPED_REDIS_CONF)  # its port is chosen, not yet listening
     env = dict(env, KD_REDIS_URL=server.url)
     w = WorkerProcess(env, tmp_path / "early-worker.log").launch()
     try:

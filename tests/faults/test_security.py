@@ -11,10 +11,8 @@ import re
 import subprocess
 from pathlib import Path
 
-from faultkit import SAMPLES, connect, raw_enqueue, row, store_blob, submit, wait_status, world_writable
-from helpers import REPO, RedisServer, venv_bin
-
-SHIPPED_CONF = REPO / "launchd" / "redis.conf"
+from faultkit import raw_enqueue, store_blob, submit, world_writable
+from helpers import SAMPLES, SHIPPED_REDIS_CONF, RedisServer, connect, row, venv_bin, wait_status
 
 
 def test_a_password_protected_redis_over_tcp_and_a_unix_socket(env, worker, tmp_path):
@@ -38,18 +36,14 @@ def test_a_password_protected_redis_over_tcp_and_a_unix_socket(env, worker, tmp_
         server.stop()
 
 
-def test_the_shipped_redis_config_listens_on_loopback_only(tmp_path):
-    text = SHIPPED_CONF.read_text()
+def test_the_shipped_redis_config_listens_on_loopback_only(shipped_redis):
+    text = SHIPPED_REDIS_CONF.read_text()
     binds = re.findall(r"^bind\s+(.+)$", text, flags=re.M)
     assert binds and all(addr in ("127.0.0.1", "::1", "-::1") for line in binds for addr in line.split())
-    server = RedisServer(tmp_path / "redis", config=SHIPPED_CONF).start()  # the helper adds no --bind here
-    try:
-        conf = {k: v for name in ("bind", "protected-mode", "appendonly", "appendfsync", "maxmemory-policy")
-                for k, v in server.client().config_get(name).items()}
-        assert conf == {"bind": "127.0.0.1", "protected-mode": "yes", "appendonly": "yes", "appendfsync": "everysec",
-                        "maxmemory-policy": "noeviction"}
-    finally:
-        server.stop()
+    conf = {k: v for name in ("bind", "protected-mode", "appendonly", "appendfsync", "maxmemory-policy")
+            for k, v in shipped_redis.client().config_get(name).items()}  # RedisServer adds no --bind with a config
+    assert conf == {"bind": "127.0.0.1", "protected-mode": "yes", "appendonly": "yes", "appendfsync": "everysec",
+                    "maxmemory-policy": "noeviction"}
 
 
 def test_paths_from_job_input_stay_confined_and_nothing_written_is_world_writable(env, worker, tmp_path):

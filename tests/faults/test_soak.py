@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import SAMPLES, assert_consistent, connect, row, submit, wait_status
-from helpers import REPO, RedisServer, wait_for
+from faultkit import assert_consistent, submit
+from helpers import SAMPLES, connect, row, wait_for, wait_status
 from jobs import publisher
 from jobs.models import health_key
 
@@ -24,55 +24,51 @@ DOMAINS = ("memory", "debug")
 
 
 @pytest.mark.slow
-def test_a_seeded_storm_of_kills_stops_and_redis_restarts_loses_nothing(env, worker, tmp_path):
+def test_a_seeded_storm_of_kills_stops_and_redis_restarts_loses_nothing(env, worker, shipped_redis):
     rng = random.Random(SEED)
-    server = RedisServer(tmp_path / "redis", config=REPO / "launchd" / "redis.conf").start()
-    env = dict(env, KD_REDIS_URL=server.url)
+    env = dict(env, KD_REDIS_URL=shipped_redis.url)
     conn, adapters = connect(env), Path(env["KD_ADAPTERS_DIR"])
-    try:
-        jobs = [submit(env, DOMAINS[i % 2], prompts=[SAMPLES / f"{DOMAINS[i % 2]}.jsonl"], force_publish=True,
-                       overrides={"seed": i, "iterations": 120, "save_every": 5, "val_every": 100000}, max_attempts=12)
-                for i in range(8)]
-        procs = {name: worker(name=name, base=env) for name in ("kd-a", "kd-b")}
-        faults = []
-        for _ in range(FAULTS):
-            since = time.time()
+    jobs = [submit(env, DOMAINS[i % 2], prompts=[SAMPLES / f"{DOMAINS[i % 2]}.jsonl"], force_publish=True,
+                   overrides={"seed": i, "iterations": 120, "save_every": 5, "val_every": 100000}, max_attempts=12)
+            for i in range(8)]
+    procs = {name: worker(name=name, base=env) for name in ("kd-a", "kd-b")}
+    faults = []
+    for _ in range(FAULTS):
+        since = time.time()
 
-            def working():
-                rows = [row(conn, j) for j in jobs]
-                if all(r["status"] == "finished" for r in rows):
-                    return "done"
-                busy = [r for r in rows if (r.get("progress") or {}).get("updated_at", 0) > since
-                        and r["status"] == "started"]
-                return busy and "busy"
+        def working():
+            rows = [row(conn, j) for j in jobs]
+            if all(r["status"] == "finished" for r in rows):
+                return "done"
+            busy = [r for r in rows if (r.get("progress") or {}).get("updated_at", 0) > since
+                    and r["status"] == "started"]
+            return busy and "busy"
 
-            if wait_for(working, 240, interval=0.05, what="a job at work") == "done":
-                break
-            action, name = rng.choice(("kill", "term", "redis")), rng.choice(sorted(procs))
-            faults.append((action, name))
-            if action == "redis":
-                server.stop(signal.SIGKILL)
-                server.start()
-                continue
-            procs[name].signal(signal.SIGKILL if action == "kill" else signal.SIGTERM)
-            code = procs[name].wait(60)
-            assert action == "kill" or code == 0
-            wait_for(lambda: not conn.exists(health_key(name)), 15, what=f"{name}'s health key to lapse")
-            procs[name] = worker(name=name, base=env)
+        if wait_for(working, 240, interval=0.05, what="a job at work") == "done":
+            break
+        action, name = rng.choice(("kill", "term", "redis")), rng.choice(sorted(procs))
+        faults.append((action, name))
+        if action == "redis":
+            shipped_redis.stop(signal.SIGKILL)
+            shipped_redis.start()
+            continue
+        procs[name].signal(signal.SIGKILL if action == "kill" else signal.SIGTERM)
+        code = procs[name].wait(60)
+        assert action == "kill" or code == 0
+        wait_for(lambda: not conn.exists(health_key(name)), 15, what=f"{name}'s health key to lapse")
+        procs[name] = worker(name=name, base=env)
+    for job in jobs:
+        wait_status(conn, job, {"finished"}, timeout=600)
+    assert all(p.proc.poll() is None for p in procs.values()), faults
+    for domain in DOMAINS:
+        assert_consistent(adapters, domain)
+        published = [publisher.verify(v.path)["summary"] for v in publisher.versions(adapters, domain)]
+        tickets = [row(conn, s["job_id"])["ticket"] for s in published]
+        assert tickets == sorted(tickets) and len(set(tickets)) == len(tickets), (domain, tickets, faults)
+        ids = [s["job_id"] for s in published]
         for job in jobs:
-            wait_status(conn, job, {"finished"}, timeout=600)
-        assert all(p.proc.poll() is None for p in procs.values()), faults
-        for domain in DOMAINS:
-            assert_consistent(adapters, domain)
-            published = [publisher.verify(v.path)["summary"] for v in publisher.versions(adapters, domain)]
-            tickets = [row(conn, s["job_id"])["ticket"] for s in published]
-            assert tickets == sorted(tickets) and len(set(tickets)) == len(tickets), (domain, tickets, faults)
-            ids = [s["job_id"] for s in published]
-            for job in jobs:
-                o = row(conn, job)["outcome"]
-                if o["domain"] == domain:  # published exactly once, or stepped aside for a newer submission
-                    ok = ids.count(job) == 1 if o["published"] else o["gate"]["reason"].startswith("superseded")
-                    assert ok, (job, o, faults)
-        assert len(faults) >= FAULTS // 2, faults  # the storm really happened
-    finally:
-        server.stop()
+            o = row(conn, job)["outcome"]
+            if o["domain"] == domain:  # published exactly once, or stepped aside for a newer submission
+                ok = ids.count(job) == 1 if o["published"] else o["gate"]["reason"].startswith("superseded")
+                assert ok, (job, o, faults)
+    assert len(faults) >= FAULTS // 2, faults  # the storm really happened

@@ -11,23 +11,13 @@ import pytest
 
 import mlx_lm
 
-from helpers import REPO, kd_env, venv_bin
+from helpers import SAMPLES, distill, kd_env, venv_bin
 from jobs import publisher
 from jobs.errors import VocabularyMismatch
-from kd_worker.distill import DistillRequest, run_distillation
-from kd_worker.runtime import Runtime
-from kd_worker.settings import WorkerSettings
 
-PROMPTS = REPO / "jobs" / "samples" / "task.jsonl"
+PROMPTS = SAMPLES / "task.jsonl"
 SMALL = {"iterations": 30, "gen_max_tokens": 40, "val_every": 15, "save_every": 15, "val_fraction": 0.25,
          "learning_rate": 1e-3}
-
-
-def distill(tmp_path: Path, models_root: Path, student: str, overrides: dict) -> dict:
-    s = WorkerSettings(work_dir=tmp_path / "work", adapters_dir=tmp_path / "adapters_kd")
-    req = DistillRequest("task", (("prompts", PROMPTS),), models_root / "teacher", models_root / student, "x1",
-                         {**SMALL, **overrides})
-    return run_distillation(req, Runtime(s), s, lambda p: None, lambda: None)
 
 
 def test_cli_distills_a_llama_student_from_a_qwen_teacher(tmp_path, models_root):
@@ -58,7 +48,8 @@ def test_cli_distills_a_llama_student_from_a_qwen_teacher(tmp_path, models_root)
 
 
 def test_sentencepiece_student_with_ce_at_unaligned_positions(tmp_path, models_root):
-    out = distill(tmp_path, models_root, "student-sp", {"xtok_unaligned": "ce"})
+    out = distill(tmp_path, models_root, "task", student="student-sp", run_id="x1",
+                  overrides={**SMALL, "xtok_unaligned": "ce"})
     assert out["published"] and out["after"]["kl"] < out["before"]["kl"]
     metrics = json.loads((Path(out["adapter_path"]) / "kd_metrics.json").read_text())
     cov = metrics["xtok"]
@@ -68,5 +59,6 @@ def test_sentencepiece_student_with_ce_at_unaligned_positions(tmp_path, models_r
 
 def test_low_coverage_is_refused_before_training(tmp_path, models_root):
     with pytest.raises(VocabularyMismatch, match="xtok_min_coverage=0.99"):
-        distill(tmp_path, models_root, "student-llama", {"xtok_min_coverage": 0.99, "gen_max_tokens": 16})
+        distill(tmp_path, models_root, "task", student="student-llama", run_id="x1",
+                overrides={**SMALL, "xtok_min_coverage": 0.99, "gen_max_tokens": 16})
     assert publisher.resolve(tmp_path / "adapters_kd", "task") is None

@@ -6,33 +6,14 @@ import json
 import signal
 from pathlib import Path
 
-import redis
 from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from helpers import REPO, kd_client, wait_for
-from jobs.models import blob_key
+from helpers import SAMPLES, connect, kd_client, row, wait_for, wait_phase, wait_status
+from jobs.models import blob_key, health_key
 
-SAMPLES = REPO / "jobs" / "samples"
 LONG = ["--set", "iterations=5000", "--set", "save_every=5", "--set", "val_every=100000"]
-
-
-def job_status(env, job_id: str) -> dict:
-    out = kd_client(env, "status", job_id, "--json")
-    return json.loads(out.stdout)
-
-
-def wait_status(env, job_id: str, states: set[str], timeout: float = 120) -> dict:
-    return wait_for(lambda: (s := job_status(env, job_id))["status"] in states and s, timeout,
-                    what=f"{job_id} in {states}")
-
-
-def wait_training(env, job_id: str, min_step: int = 1, timeout: float = 120) -> dict:
-    def training():
-        p = job_status(env, job_id).get("progress") or {}
-        return p.get("phase") == "train" and p.get("step", 0) >= min_step and p
-    return wait_for(training, timeout, what=f"{job_id} training past step {min_step}")
 
 
 def submit(env, domain: str, *extra: str) -> str:
@@ -41,14 +22,17 @@ def submit(env, domain: str, *extra: str) -> str:
     return out.stdout.split()[0]
 
 
-def test_cli_submit_to_published_adapter_with_teacher_loaded_once(env, worker, tmp_path):
+def test_cli_submit_to_published_adapter_with_teacher_loaded_once(env, worker):
     w = worker()
+    conn = connect(env)
     ids = [submit(env, d) for d in ("memory", "debug", "task")]
     out = kd_client(env, "watch", ids[-1])
     assert out.returncode == 0, out.stderr
     for job_id in ids:
-        st = wait_status(env, job_id, {"finished"})
+        st = wait_status(conn, job_id, {"finished"})
         assert st["outcome"]["published"] and Path(st["outcome"]["adapter_path"]).is_dir()
+    cli = json.loads(kd_client(env, "status", ids[-1], "--json").stdout)  # the CLI prints that same row
+    assert cli == json.loads(json.dumps(st, default=str))
     teacher_loads = [e for e in w.events("model_loaded") if e["path"].endswith("/teacher")]
     assert len(teacher_loads) == 1  # resident across the three jobs
     assert len(w.events("job_finished")) == 3
@@ -60,30 +44,32 @@ def test_cli_submit_to_published_adapter_with_teacher_loaded_once(env, worker, t
 
 def test_cancel_running_and_queued_jobs(env, worker):
     worker()
+    conn = connect(env)
     running = submit(env, "memory", *LONG)
     queued = submit(env, "debug", *LONG)
-    wait_training(env, running)
+    wait_phase(conn, running, "train", min_step=1)
     assert "canceled" in kd_client(env, "cancel", queued).stdout
     assert "stopping" in kd_client(env, "cancel", running).stdout
-    assert wait_status(env, running, {"stopped"}, timeout=30)["status"] == "stopped"
-    st = wait_status(env, queued, {"canceled"})
+    assert wait_status(conn, running, {"stopped"}, timeout=30)["status"] == "stopped"
+    st = wait_status(conn, queued, {"canceled"})
     assert st["started_at"] is None
     after = submit(env, "task")  # the worker lives on
-    assert wait_status(env, after, {"finished"})["outcome"]["published"]
-    assert job_status(env, queued)["status"] == "canceled"
+    assert wait_status(conn, after, {"finished"})["outcome"]["published"]
+    assert row(conn, queued)["status"] == "canceled"
 
 
 def test_sigterm_checkpoints_requeues_and_resumes(env, worker):
     w1 = worker()
+    conn = connect(env)
     job_id = submit(env, "memory", "--set", "iterations=400", "--set", "save_every=10", "--set", "val_every=100000")
-    wait_training(env, job_id, min_step=15)
+    wait_phase(conn, job_id, "train", min_step=15)
     w1.signal(signal.SIGTERM)
     assert w1.wait(timeout=60) == 0  # requested stop: exit 0 (supervisors do not restart it)
-    assert job_status(env, job_id)["status"] == "queued"  # requeued at the front
+    assert row(conn, job_id)["status"] == "queued"  # requeued at the front
     interrupted = w1.events("job_interrupted")
     assert interrupted and "checkpoint" in interrupted[0]["reason"]
     w2 = worker()
-    st = wait_status(env, job_id, {"finished"}, timeout=240)
+    st = wait_status(conn, job_id, {"finished"}, timeout=240)
     resumed = w2.events("training_resumed")
     assert resumed and resumed[0]["step"] >= 15
     metrics = json.loads((Path(st["outcome"]["adapter_path"]) / "kd_metrics.json").read_text())
@@ -92,23 +78,23 @@ def test_sigterm_checkpoints_requeues_and_resumes(env, worker):
 
 def test_sigkill_then_restart_recovers_the_orphan(env, worker):
     w1 = worker(name="kd-crashy")
+    conn = connect(env)
     job_id = submit(env, "memory", "--set", "iterations=400", "--set", "save_every=10", "--set", "val_every=100000")
-    wait_training(env, job_id, min_step=25)
+    wait_phase(conn, job_id, "train", min_step=25)
     w1.signal(signal.SIGKILL)
     w1.wait(timeout=30)
-    assert job_status(env, job_id)["status"] == "started"  # what a crash leaves behind
-    wait_for(lambda: not redis.Redis.from_url(env["KD_REDIS_URL"]).exists("kd:health:kd-crashy"), 10,
-             what="the dead worker's health key to expire")
+    assert row(conn, job_id)["status"] == "started"  # what a crash leaves behind
+    wait_for(lambda: not conn.exists(health_key("kd-crashy")), 10, what="the dead worker's health key to expire")
     w2 = worker(name="kd-crashy")
     assert w2.events("orphans_recovered")[0]["jobs"] == [job_id]
-    st = wait_status(env, job_id, {"finished"}, timeout=240)
+    st = wait_status(conn, job_id, {"finished"}, timeout=240)
     assert w2.events("training_resumed")[0]["step"] >= 20
     assert st["outcome"]["published"]
 
 
 def test_refuses_functions_outside_the_allow_list_and_pickle(env, worker, tmp_path):
     w = worker()
-    conn = redis.Redis.from_url(env["KD_REDIS_URL"])
+    conn = connect(env)
     q = Queue("kd", connection=conn, serializer=JSONSerializer)
     marker = tmp_path / "pwned"
     evil = q.enqueue("os.system", f"touch {marker}")
@@ -124,7 +110,7 @@ def test_refuses_functions_outside_the_allow_list_and_pickle(env, worker, tmp_pa
     err = Job.fetch(evil.id, connection=conn, serializer=JSONSerializer).latest_result().exc_string
     assert "SecurityError" in err and "not allowed" in err
     ok = submit(env, "memory")
-    assert wait_status(env, ok, {"finished"})["outcome"]["published"]  # worker alive
+    assert wait_status(conn, ok, {"finished"})["outcome"]["published"]  # worker alive
     assert w.proc.poll() is None
 
 
@@ -134,41 +120,42 @@ def test_malformed_data_fails_the_job_clearly_and_worker_lives_on(env, worker):
     from jobs.models import TASK_FUNC, DataRef, KDJob
 
     worker()
-    conn = redis.Redis.from_url(env["KD_REDIS_URL"])
+    conn = connect(env)
     bad = b'{"prompt": "fine"}\n{"prompt": broken json\n'
     sha = hashlib.sha256(bad).hexdigest()
     conn.set(blob_key(sha), bad)
     job = KDJob(domain="memory", data=(DataRef(kind="prompts", sha256=sha, records=2, size=len(bad), name="bad.jsonl"),))
     rq_job = Queue("kd", connection=conn, serializer=JSONSerializer).enqueue(
         TASK_FUNC, kwargs={"payload": job.model_dump(mode="json")})
-    st = wait_status(env, rq_job.id, {"failed"})
+    st = wait_status(conn, rq_job.id, {"failed"})
     assert "DataError" in st["error"] and "bad.jsonl line 2" in st["error"] and "not valid JSON" in st["error"]
     assert st.get("traceback", "").count("Traceback") >= 1
     ok = submit(env, "debug")
-    assert wait_status(env, ok, {"finished"})["outcome"]["published"]
+    assert wait_status(conn, ok, {"finished"})["outcome"]["published"]
 
 
 def test_two_workers_share_a_queue_and_publish_each_domain_in_order(env, worker):
     worker(name="kd-a")
     worker(name="kd-b")
+    conn = connect(env)
     ids = []
     for i in range(3):
         for domain in ("memory", "debug"):
             ids.append((domain, submit(env, domain, "--set", f"seed={i}")))
     for _, job_id in ids:
-        wait_status(env, job_id, {"finished"}, timeout=300)
-    by_worker = {job_status(env, j)["worker"] for _, j in ids}
+        wait_status(conn, job_id, {"finished"}, timeout=300)
+    by_worker = {row(conn, j)["worker"] for _, j in ids}
     assert by_worker == {"kd-a", "kd-b"}
     adapters = Path(env["KD_ADAPTERS_DIR"])
     for domain in ("memory", "debug"):
         tickets = []
         for v in sorted((adapters / domain / "versions").iterdir()):
             job_id = json.loads((v / "manifest.json").read_text())["summary"]["job_id"]
-            tickets.append(job_status(env, job_id)["ticket"])
+            tickets.append(row(conn, job_id)["ticket"])
         assert tickets == sorted(tickets) and len(tickets) >= 1
         published = {json.loads((v / "manifest.json").read_text())["summary"]["job_id"]
                      for v in (adapters / domain / "versions").iterdir()}
         for d, j in ids:
-            o = job_status(env, j)["outcome"]
+            o = row(conn, j)["outcome"]
             if d == domain:
                 assert (j in published) == o["published"]

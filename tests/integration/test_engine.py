@@ -14,29 +14,13 @@ import pytest
 
 import mlx_lm
 
-from helpers import REPO, kd_env, venv_bin
+from helpers import FAST, SAMPLES, distill, engine_settings, kd_env, venv_bin
 from jobs.errors import JobInterrupted, TrainingDiverged, VocabularyMismatch
 from kd_worker import teacher as T
-from kd_worker.distill import DistillRequest, run_distillation
 from kd_worker.models import load_model_dir
-from kd_worker.runtime import Runtime
-from kd_worker.settings import WorkerSettings
 from kd_worker.vocab import plan_vocabulary
 
-PROMPTS = REPO / "jobs" / "samples" / "memory.jsonl"
-SMALL = {"iterations": 20, "gen_max_tokens": 24, "val_every": 10, "save_every": 10}
-
-
-def settings_for(tmp_path: Path, **kw) -> WorkerSettings:
-    return WorkerSettings(work_dir=tmp_path / "work", adapters_dir=tmp_path / "adapters_kd", **kw)
-
-
-def distill(tmp_path, models_root, teacher="teacher", student="student", overrides=None, run_id="r1",
-            settings=None, should_stop=lambda: None, runtime=None, domain="memory", progress=None):
-    s = settings or settings_for(tmp_path)
-    req = DistillRequest(domain, (("prompts", PROMPTS),), models_root / teacher, models_root / student, run_id,
-                         {**SMALL, **(overrides or {})})
-    return run_distillation(req, runtime or Runtime(s), s, progress or (lambda p: None), should_stop)
+PROMPTS = SAMPLES / "memory.jsonl"
 
 
 def test_cli_distill_writes_the_seed_layout_usable_by_mlx_lm(tmp_path, models_root):
@@ -82,13 +66,10 @@ def adapter(path: Path) -> dict[str, np.ndarray]:
 
 
 def test_resume_at_half_equals_an_uninterrupted_run(tmp_path, models_root):
-    over = {"iterations": 30, "save_every": 5, "lora_dropout": 0.1, "val_every": 15}
+    over = {**FAST, "iterations": 30, "save_every": 5, "lora_dropout": 0.1, "val_every": 15}
     full = distill(tmp_path / "a", models_root, overrides=over, run_id="full")
-    b = settings_for(tmp_path / "b")
+    b = engine_settings(tmp_path / "b")
     steps = {"n": 0}
-
-    def stop_at_15(p=None):
-        return None
 
     def progress(p):
         steps["n"] = p.step if p.phase == "train" else steps["n"]
@@ -121,7 +102,7 @@ def test_vocabulary_guard_cases(models_root):
 
 
 def test_quantized_teacher_and_qlora_student(tmp_path, models_root):
-    out = distill(tmp_path, models_root, teacher="teacher-4bit", student="student-4bit")
+    out = distill(tmp_path, models_root, teacher="teacher-4bit", student="student-4bit", overrides=FAST)
     assert out["published"] and out["after"]["kl"] < out["before"]["kl"]
     model, tok = mlx_lm.load(str(models_root / "student-4bit"), adapter_path=out["adapter_path"])
     assert mlx_lm.generate(model, tok, "hello", max_tokens=3)
@@ -138,9 +119,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
         return seqs
 
     monkeypatch.setattr(D, "student_sequences", poisoned)
-    s = settings_for(tmp_path)
     with pytest.raises(TrainingDiverged, match=r"the loss became nan at step \d+.*last good checkpoint is step \d+"):
-        distill(tmp_path, models_root, overrides={"iterations": 30, "save_every": 1, "batch_size": 1}, settings=s)
+        distill(tmp_path, models_root, overrides={**FAST, "iterations": 30, "save_every": 1, "batch_size": 1})
     runs = list((tmp_path / "work" / "runs").iterdir())
     assert runs and any((runs[0] / "checkpoints").iterdir())
     assert not (tmp_path / "adapters_kd" / "memory").exists()  # nothing published
@@ -182,25 +162,17 @@ def test_generation_keeps_the_stop_token_and_never_samples_padding(models_root):
 
 
 def test_teacher_work_is_cached_across_runs(tmp_path, models_root):
-    s = settings_for(tmp_path)
+    s = engine_settings(tmp_path)
     phases: list[str] = []
-    distill(tmp_path, models_root, settings=s, run_id="one", progress=lambda p: phases.append(p.phase))
+    distill(tmp_path, models_root, overrides=FAST, settings=s, run_id="one", progress=lambda p: phases.append(p.phase))
     assert "generate" in phases and "score" in phases
     phases.clear()
-    distill(tmp_path, models_root, settings=s, run_id="two", progress=lambda p: phases.append(p.phase))
+    distill(tmp_path, models_root, overrides=FAST, settings=s, run_id="two", progress=lambda p: phases.append(p.phase))
     assert "generate" not in phases and "score" not in phases
     files = list((tmp_path / "work" / "cache" / "targets").rglob("*.safetensors"))
     assert len(files) == 12
     files[0].write_bytes(b"corrupt")  # a damaged entry is a miss, rescored
     phases.clear()
-    distill(tmp_path, models_root, settings=s, run_id="three", progress=lambda p: phases.append(p.phase))
+    distill(tmp_path, models_root, overrides=FAST, settings=s, run_id="three", progress=lambda p: phases.append(p.phase))
     assert "score" in phases and "generate" not in phases
 
-
-def test_student_outside_the_teacher_vocabulary_is_refused_by_default(tmp_path, models_root):
-    s = settings_for(tmp_path)
-    rt = Runtime(s)
-    teacher = rt.teacher(models_root / "teacher")
-    with rt.student(models_root / "student-llama") as st:
-        with pytest.raises(VocabularyMismatch):
-            plan_vocabulary(teacher, st, allow_cross=False)

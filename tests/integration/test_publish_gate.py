@@ -7,13 +7,10 @@ import json
 
 import pytest
 
-from helpers import REPO
+from helpers import distill, engine_settings
 from jobs import publisher
-from kd_worker.distill import DistillRequest, run_distillation
 from kd_worker.runtime import Runtime
-from kd_worker.settings import WorkerSettings
 
-PROMPTS = REPO / "jobs" / "samples" / "memory.jsonl"
 COMMON = {"gen_max_tokens": 24, "val_fraction": 0.25, "val_every": 100, "save_every": 100}
 TRAINED = {**COMMON, "iterations": 40, "learning_rate": 1e-3}
 UNTRAINED = {**COMMON, "iterations": 1, "learning_rate": 1e-6}  # the bare student: clearly worse
@@ -23,14 +20,12 @@ UNTRAINED = {**COMMON, "iterations": 1, "learning_rate": 1e-6}  # the bare stude
 def engine(models_root, tmp_path_factory):
     """One worker's settings and resident models; each call runs a distillation job."""
     tmp = tmp_path_factory.mktemp("gate")
-    settings = WorkerSettings(work_dir=tmp / "work", adapters_dir=tmp / "adapters_kd", keep_versions=5)
+    settings = engine_settings(tmp, keep_versions=5)
     runtime = Runtime(settings)
 
     def run(run_id: str, overrides: dict, force: bool = False) -> dict:
-        req = DistillRequest(domain="memory", data=(("prompts", PROMPTS),), teacher=models_root / "teacher",
-                             student=models_root / "student", run_id=run_id, overrides=overrides,
-                             force_publish=force, job_id=run_id)
-        return run_distillation(req, runtime, settings, lambda p: None, lambda: None)
+        return distill(tmp, models_root, overrides=overrides, run_id=run_id, job_id=run_id, force_publish=force,
+                       settings=settings, runtime=runtime)
 
     return settings.adapters_dir, run
 

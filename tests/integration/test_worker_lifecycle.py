@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 
-import redis
-
-from helpers import REPO, RedisServer, WorkerProcess, free_port, kd_client, venv_bin, wait_for
-
-SAMPLES = REPO / "jobs" / "samples"
+from helpers import SAMPLES, RedisServer, WorkerProcess, connect, kd_client, venv_bin, wait_status
 
 
-def test_requested_stop_exits_zero(env, tmp_path):
-    w = WorkerProcess(env, tmp_path / "w.log").start()
+def test_requested_stop_exits_zero(worker):
+    w = worker()
     w.signal(signal.SIGTERM)
     assert w.wait(30) == 0
 
@@ -28,38 +23,35 @@ def test_configuration_error_exits_78_so_supervisors_do_not_loop(env):
     assert out.returncode == 78 and "KD_REDIS_URL" in out.stderr
 
 
-def test_unexpected_end_of_the_work_loop_exits_nonzero(env, tmp_path):
+def test_unexpected_end_of_the_work_loop_exits_nonzero(env, worker):
     """rq's work() returns on errors it does not handle; the worker must not exit 0 then."""
-    w = WorkerProcess(env, tmp_path / "w.log").start()
-    conn = redis.Redis.from_url(env["KD_REDIS_URL"])
+    w = worker()
+    conn = connect(env)
     conn.delete("rq:queue:kd")
     conn.set("rq:queue:kd", "not a list")  # WRONGTYPE on the next dequeue
     conn.lpush("rq:queue:kd:high", "nudge")  # wake the blocking dequeue
     assert w.wait(60) == 1
 
 
-def test_a_live_worker_name_is_refused(env, tmp_path):
-    WorkerProcess(env, tmp_path / "a.log").start()
+def test_a_live_worker_name_is_refused(env, worker):
+    worker()
     out = subprocess.run([venv_bin("kd-worker"), "run"], env=env, capture_output=True, text=True, timeout=90)
     assert out.returncode == 78 and "is alive" in out.stderr
 
 
-def test_submissions_spool_while_redis_is_down_and_are_delivered_after(env, tmp_path):
-    port = free_port()
-    down = dict(env, KD_REDIS_URL=f"redis://127.0.0.1:{port}/0")
+def test_submissions_spool_while_redis_is_down_and_are_delivered_after(env, worker, tmp_path):
+    server = RedisServer(tmp_path / "late-redis")  # its port is chosen, not yet listening
+    down = dict(env, KD_REDIS_URL=server.url)
     out = kd_client(down, "submit", "--domain", "memory", "--prompts", str(SAMPLES / "memory.jsonl"))
     assert out.returncode == 75 and "spooled" in out.stdout
     assert len(list((tmp_path / "spool" / "outbox").iterdir())) == 1
-    server = RedisServer(tmp_path / "late-redis")
-    server.port = port
     server.start()
     try:
         out = kd_client(down, "flush")
         assert out.returncode == 0 and "still spooled: 0" in out.stdout
         job_id = out.stdout.split()[0]
-        w = WorkerProcess(dict(down, KD_WORKER_NAME="late"), tmp_path / "w.log").start()
-        wait_for(lambda: json.loads(kd_client(down, "status", job_id, "--json").stdout)["status"] == "finished",
-                 120, what="the spooled job to finish")
+        w = worker(name="late", base=down)
+        wait_status(connect(down), job_id, {"finished"}, timeout=120)
         w.signal(signal.SIGTERM)
         assert w.wait(30) == 0
     finally:
@@ -68,9 +60,10 @@ def test_submissions_spool_while_redis_is_down_and_are_delivered_after(env, tmp_
 
 def test_stop_during_start_up_is_a_clean_requested_stop(env, tmp_path):
     """SIGTERM while the teacher loads (before rq's handlers exist) still exits 0 and takes no job."""
-    log = tmp_path / "early.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([venv_bin("kd-worker"), "run"], env=env, stdout=out, stderr=subprocess.STDOUT)
-        wait_for(lambda: b'"model_loaded"' in log.read_bytes(), 60, what="the teacher to start loading")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0
+    w = WorkerProcess(env, tmp_path / "early.log").launch()
+    try:
+        w.wait_event("model_loaded")
+        w.signal(signal.SIGTERM)
+        assert w.wait(60) == 0
+    finally:
+        w.stop()

@@ -123,7 +123,7 @@ def test_invalid_records_are_refused_before_anything_is_accepted(conn, settings)
     assert kd.pending() == {"outbox": 0}  # nothing half-accepted
 
 
-def test_unreachable_redis_spools_durably_and_delivers_later(settings, tmp_path):
+def test_unreachable_redis_spools_durably_and_delivers_later(settings):
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
     kd = KDClient(settings, connection=dead)
     receipt = kd.submit("memory", prompts=[{"prompt": "hello"}])

@@ -18,13 +18,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from helpers import free_port, wait_for
+from helpers import SHIPPED_REDIS_CONF, free_port, wait_for
 from jobs.errors import ConfigError
 from kd_worker import service
 from kd_worker.service import LABEL, REDIS_LABEL, REDIS_UNIT, UNIT, Run, Write
 from kd_worker.settings import WorkerSettings
 
-REDIS_CONF = service.TEMPLATES / "redis.conf"
 # Every key of launchd.plist(5) a kd plist may use; a misspelt key (ExitTimeout) is silently ignored by launchd.
 LAUNCHD_KEYS = {
     "Label", "ProgramArguments", "WorkingDirectory", "EnvironmentVariables", "RunAtLoad", "KeepAlive",
@@ -129,7 +128,7 @@ def test_launchd_install_dry_run_renders_and_prints_without_running(home, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == [f"{REDIS_LABEL}.plist", f"{LABEL}.plist"]
     assert not home.exists()  # nothing outside the dry-run directory was touched
     redis_plist = plistlib.loads((out / f"{REDIS_LABEL}.plist").read_bytes())
-    assert redis_plist["ProgramArguments"][1] == str(REDIS_CONF)
+    assert redis_plist["ProgramArguments"][1] == str(SHIPPED_REDIS_CONF)
     assert redis_plist["KeepAlive"] is True and set(redis_plist) <= LAUNCHD_KEYS
 
 
@@ -365,7 +364,7 @@ def conf_directives(path: Path) -> dict[str, str]:
 
 
 def test_redis_conf_has_the_queue_directives():
-    conf = conf_directives(REDIS_CONF)
+    conf = conf_directives(SHIPPED_REDIS_CONF)
     assert conf["appendonly"] == "yes" and conf["appendfsync"] == "everysec"
     assert conf["maxmemory-policy"] == "noeviction"
     assert conf["protected-mode"] == "yes"
@@ -407,7 +406,7 @@ def test_rendered_redis_unit_starts_and_tells_systemd_it_is_ready(home, tmp_path
     host = service.host_for("systemd", home=home)
     unit = unit_sections(service.render_redis_unit(host))
     argv = shlex.split(unit["Service"]["ExecStart"])
-    assert argv[:2] == [str(host.redis_server), str(REDIS_CONF)]
+    assert argv[:2] == [str(host.redis_server), str(SHIPPED_REDIS_CONF)]
     host.redis_data.mkdir(parents=True)  # install's MakeDir step
     port = free_port()
     notify = tmp_path / "notify.sock"
@@ -440,7 +439,7 @@ def test_queued_job_survives_sigkill_with_the_shipped_config(tmp_path):
 
     port, data = free_port(), tmp_path / "data"
     data.mkdir()
-    argv = [shutil.which("redis-server"), str(REDIS_CONF), "--port", str(port), "--dir", str(data)]
+    argv = [shutil.which("redis-server"), str(SHIPPED_REDIS_CONF), "--port", str(port), "--dir", str(data)]
     with redis_process(argv, port) as (proc, client):
         job = Queue("kd", connection=client, serializer="json").enqueue(TASK_FUNC, {"domain": "memory"})
         # The write is in the AOF file (the OS page cache) once redis-server has written it; SIGKILL
@@ -461,7 +460,7 @@ def test_redis_conf_overrides_a_config_that_includes_it(tmp_path):
     data.mkdir()
     parent = tmp_path / "parent.conf"
     parent.write_text(f"port {port}\ndir {data}\nappendonly no\nappendfsync always\n"
-                      f"maxmemory-policy allkeys-lru\nprotected-mode no\ninclude {REDIS_CONF}\n")
+                      f"maxmemory-policy allkeys-lru\nprotected-mode no\ninclude {SHIPPED_REDIS_CONF}\n")
     with redis_process([shutil.which("redis-server"), str(parent)], port) as (_, client):
         assert_queue_config(client)
         assert client.config_get("dir")["dir"] == str(data)

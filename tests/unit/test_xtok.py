@@ -13,6 +13,7 @@ from kd_worker import xtok
 from kd_worker.data import SoftTargets
 from kd_worker.tokmap import piece_bytes, token_pair, token_table
 from kd_worker.xtok import Group, align, anchor, spans_of, student_spans, teacher_text
+from test_losses import np_log_softmax
 
 
 def groups(s_pieces, t_pieces, text=None):
@@ -203,18 +204,13 @@ def dense_targets(logp_dense: np.ndarray, k: int, temperature: float) -> SoftTar
                        lse_t.astype(np.float32), np.ones(n, np.float32))
 
 
-def log_softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_projection_equals_the_dense_coarsened_distribution(temperature):
     """Full support, a map with duplicates (two teacher tokens with one student counterpart) and
     unmapped tokens: the projected row equals the dense reference, tempered per module doc."""
     rng = np.random.default_rng(0)
     vt, vs, n = 12, 9, 5
-    lp = log_softmax(rng.normal(0, 2, (n, vt)))
+    lp = np_log_softmax(rng.normal(0, 2, (n, vt)))
     tmap = np.array([0, 1, 2, 2, 3, -1, 4, 5, -1, 6, 7, 8], np.int32)  # 2 and 3 -> 2; 5 and 8 unmapped
     t = dense_targets(lp, vt, temperature)
     label = tmap[np.argmax(lp, axis=-1)]
@@ -246,7 +242,7 @@ def test_projection_equals_the_dense_coarsened_distribution(temperature):
 def test_without_duplicates_the_tempered_row_is_the_teachers_own():
     rng = np.random.default_rng(1)
     vt, n, k, temperature = 40, 6, 8, 2.0
-    lp = log_softmax(rng.normal(0, 2, (n, vt)))
+    lp = np_log_softmax(rng.normal(0, 2, (n, vt)))
     t = dense_targets(lp, k, temperature)
     tmap = np.arange(vt, dtype=np.int32)[::-1].copy()  # a permutation: every token has one counterpart
     first = t.ids[:, 0]
@@ -281,7 +277,7 @@ def test_span_logp_needs_every_token_in_its_rows_support():
 
 
 def teacher_rows(rng, n, vocab, k):
-    return dense_targets(log_softmax(rng.normal(0, 3, (n, vocab))), k, 2.0)
+    return dense_targets(np_log_softmax(rng.normal(0, 3, (n, vocab))), k, 2.0)
 
 
 @pytest.mark.parametrize("student_name", ["llama3-800", "sp-1000"])

@@ -10,11 +10,7 @@ import mlx.core as mx
 
 from kd_worker import losses as L
 from kd_worker.data import Sequence_, SoftTargets, collate
-
-
-def np_log_softmax(x):
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+from test_losses import np_log_softmax
 
 
 def teacher_rows(t_logits: np.ndarray, k: int, temperature: float) -> tuple[mx.array, mx.array]:
