@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kd_worker.blas import ensure_fast_blas
+from kd_worker.ops.blas import ensure_fast_blas
 
 BLAS = ensure_fast_blas()
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def report(name: str, title: str, columns: list[str], rows: list[list[Any]], ext
 
 def sample_prompts() -> list[str]:
     """The prompts of the bundled domain samples (jobs/samples/*.jsonl), in file order."""
-    from kd_worker.tinymodels import bundled_prompts
+    from kd_worker.fixtures.tinymodels import bundled_prompts
 
     return bundled_prompts()
 

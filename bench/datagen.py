@@ -21,10 +21,10 @@ def prompts() -> list[list[dict]]:
 
 def ours(lm, convs, max_tokens: int, cache_dir: Path, batch: int) -> tuple[float, int]:
     from jobs.config import resolve_config
-    from kd_worker.data import Example, example_key
-    from kd_worker.distill import _teacher_prompts, teacher_responses, teacher_targets
-    from kd_worker.targets import TargetCache
-    from kd_worker.vocab import VocabPlan
+    from kd_worker.engine.data import Example, example_key
+    from kd_worker.engine.distill import _teacher_prompts, teacher_responses, teacher_targets
+    from kd_worker.engine.cache import TargetCache
+    from kd_worker.engine.vocab import VocabPlan
 
     cfg = resolve_config({"gen_max_tokens": max_tokens, "gen_temperature": 0.0, "gen_batch_size": batch})
     examples = [Example(example_key(c, None), tuple(c), None, f"p{i}") for i, c in enumerate(convs)]
@@ -58,13 +58,13 @@ def bare(lm, convs, max_tokens: int, batch: int) -> tuple[float, int]:
 
 
 def load(kind: str, root: Path):
-    from kd_worker.models import load_model_dir
+    from kd_worker.engine.models import load_model_dir
 
     if kind == "qwen":
-        from kd_worker.qwenvocab import build_qwen_model
+        from kd_worker.fixtures.qwenvocab import build_qwen_model
 
         return load_model_dir(build_qwen_model(root / "qwen", hidden_size=256, num_layers=4))
-    from kd_worker.tinymodels import build_demo_models
+    from kd_worker.fixtures.tinymodels import build_demo_models
 
     return load_model_dir(build_demo_models(root, ("teacher",))["teacher"])
 

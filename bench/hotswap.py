@@ -26,7 +26,7 @@ SHAPES = {  # hidden, layers, intermediate (Qwen2 architecture, the demo tokeniz
 
 
 def build(shape: str, root: Path) -> Path:
-    from kd_worker import tinymodels as tm
+    from kd_worker.fixtures import tinymodels as tm
 
     if shape == "tiny":
         return tm.build_demo_models(root, ("student",))["student"]

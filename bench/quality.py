@@ -46,7 +46,7 @@ import numpy as np
 from bench import quality_eval as qe
 from bench import quality_models as qm
 from bench import quality_task as task
-from kd_worker.demo import child_env, venv_bin
+from kd_worker.fixtures.demo import child_env, venv_bin
 
 EVAL_VERSION = 1
 N_TRAIN, N_EVAL = 360, 300  # distinct prompts, 60 / 50 per question type

@@ -26,8 +26,8 @@ import mlx.core as mx
 import numpy as np
 
 from bench import quality_task as task
-from kd_worker.data import render_prompt
-from kd_worker.teacher import generate, make_sampler
+from kd_worker.engine.data import render_prompt
+from kd_worker.engine.teacher import generate, make_sampler
 
 DIGITS = [str(d) for d in range(10)]
 

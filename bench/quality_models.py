@@ -39,7 +39,7 @@ from functools import partial
 from pathlib import Path
 
 from bench import quality_task as task
-from kd_worker.tinymodels import LLAMA_TOKENIZER, QWEN_TOKENIZER, ModelSpec, build_model, spec_digest, up_to_date
+from kd_worker.fixtures.tinymodels import LLAMA_TOKENIZER, QWEN_TOKENIZER, ModelSpec, build_model, spec_digest, up_to_date
 
 RECIPE_VERSION = 1
 

@@ -50,8 +50,8 @@ def job_latencies(url: str, workdir: Path, jobs: int) -> tuple[list[float], list
 
     from kd_client import queue as Q
     from kd_client.settings import ClientSettings
-    from kd_worker.demo import child_env, managed_worker
-    from kd_worker.tinymodels import build_demo_models
+    from kd_worker.fixtures.demo import child_env, managed_worker
+    from kd_worker.fixtures.tinymodels import build_demo_models
 
     models = build_demo_models(workdir / "models", ("teacher", "student"))
     env = child_env(KD_REDIS_URL=url, KD_TEACHER=str(models["teacher"]), KD_STUDENT=str(models["student"]),
@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--submissions", type=int, default=1000)
     args = ap.parse_args()
-    from kd_worker.demo import managed_redis
+    from kd_worker.fixtures.demo import managed_redis
     from kd_worker.settings import WorkerSettings
 
     with tempfile.TemporaryDirectory() as tmp:

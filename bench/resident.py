@@ -30,7 +30,7 @@ def lr(i: int) -> float:
 
 
 def build(shape: str, root: Path) -> tuple[Path, Path]:
-    from kd_worker import tinymodels as tm
+    from kd_worker.fixtures import tinymodels as tm
 
     if shape == "tiny":
         m = tm.build_demo_models(root, ("teacher", "student"))
@@ -41,7 +41,7 @@ def build(shape: str, root: Path) -> tuple[Path, Path]:
 
 
 def cold_runs(env: dict, teacher: Path, student: Path, out: Path, jobs: int) -> list[float]:
-    from kd_worker.demo import venv_bin
+    from kd_worker.fixtures.demo import venv_bin
 
     times = []
     for i in range(jobs + 1):
@@ -57,7 +57,7 @@ def cold_runs(env: dict, teacher: Path, student: Path, out: Path, jobs: int) -> 
 def resident_runs(env: dict, work: Path, jobs: int) -> tuple[list[float], float]:
     from kd_client import queue as Q
     from kd_client.settings import ClientSettings
-    from kd_worker.demo import managed_worker
+    from kd_worker.fixtures.demo import managed_worker
 
     s = ClientSettings(redis_url=env["KD_REDIS_URL"], spool_dir=work / "spool")
     conn = Q.connect(s)
@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=4)
     ap.add_argument("--shape", choices=("tiny", "medium"), default="tiny")
     args = ap.parse_args()
-    from kd_worker.demo import child_env, managed_redis
+    from kd_worker.fixtures.demo import child_env, managed_redis
     from kd_worker.settings import WorkerSettings
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,8 +21,8 @@ def prompts(n: int) -> list[dict]:
 
 
 def run(n: int, root: Path, models: dict[str, Path]) -> dict[str, float]:
-    from kd_worker.distill import DistillRequest, run_distillation
-    from kd_worker.runtime import Runtime
+    from kd_worker.engine.distill import DistillRequest, run_distillation
+    from kd_worker.daemon.runtime import Runtime
     from kd_worker.settings import WorkerSettings
 
     data = root / f"p{n}.jsonl"
@@ -42,7 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[12, 24, 48, 96])
     args = ap.parse_args()
-    from kd_worker.tinymodels import build_demo_models
+    from kd_worker.fixtures.tinymodels import build_demo_models
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """Training step: our KD step vs mlx-lm's own LoRA SFT step, same student, batch and LoRA.
 
-ours     kd_worker.trainer.make_step (the production step): body on all positions, LM head and
+ours     kd_worker.engine.trainer.make_step (the production step): body on all positions, LM head and
          KD+CE loss on response positions only, sparse top-k targets (k=64, T=2)
 mlx-lm   mlx_lm.tuner.trainer.default_loss under mlx-lm's compiled step (value_and_grad + Adam)
 Components (forward+backward, LoRA gradients): body alone, body + LM head, and the loss as the
@@ -27,8 +27,8 @@ def student(vocab: int, body: dict):
     from mlx_lm.models import qwen2
 
     from jobs.config import KDConfig
-    from kd_worker.models import LoadedModel, split_model
-    from kd_worker.trainer import attach_lora
+    from kd_worker.engine.models import LoadedModel, split_model
+    from kd_worker.engine.trainer import attach_lora
 
     mx.random.seed(0)
     args = qwen2.ModelArgs(model_type="qwen2", rms_norm_eps=1e-6, vocab_size=vocab, tie_word_embeddings=True, **body)
@@ -41,10 +41,10 @@ def student(vocab: int, body: dict):
 
 
 def batch(vocab: int, b: int, prompt: int, response: int, k: int = 64, temperature: float = 2.0):
-    """A training batch with random sparse teacher targets (numpy, like kd_worker.data.collate)."""
+    """A training batch with random sparse teacher targets (numpy, like kd_worker.engine.data.collate)."""
     import numpy as np
 
-    from kd_worker.data import Batch, SoftTargets
+    from kd_worker.engine.data import Batch, SoftTargets
 
     rng = np.random.default_rng(0)
     length = prompt + response
@@ -73,8 +73,8 @@ def time_components(lm, cfg, b, tokens, lengths, repeats: int) -> dict[str, floa
     import mlx.optimizers as optim
     from mlx_lm.tuner.trainer import default_loss
 
-    from kd_worker.models import head_logits, hidden_at
-    from kd_worker.trainer import make_step, to_mx_targets, uld_rows
+    from kd_worker.engine.models import head_logits, hidden_at
+    from kd_worker.engine.trainer import make_step, to_mx_targets, uld_rows
 
     x, pos, t = mx.array(b.inputs), mx.array(b.positions), tuple(to_mx_targets(b))
     uld = uld_rows(b)

@@ -16,10 +16,10 @@ from bench.common import report, sample_prompts
 
 def storage_rows(root: Path) -> tuple[list[list], dict]:
     """Score the bundled prompts with a Qwen-vocabulary teacher and store targets at several k."""
-    from kd_worker.models import load_model_dir
-    from kd_worker.qwenvocab import build_qwen_model
-    from kd_worker.targets import TargetCache, cache_key
-    from kd_worker.teacher import score
+    from kd_worker.engine.models import load_model_dir
+    from kd_worker.fixtures.qwenvocab import build_qwen_model
+    from kd_worker.engine.cache import TargetCache, cache_key
+    from kd_worker.engine.teacher import score
 
     lm = load_model_dir(build_qwen_model(root / "qwen"))
     pairs = []
@@ -49,9 +49,9 @@ def loss_memory(positions: int, vocab: int = 151_936, k: int = 64) -> list[list]
     import numpy as np
 
     from bench.step import BODY, batch, student
-    from kd_worker import losses as L
-    from kd_worker.models import hidden_at
-    from kd_worker.trainer import head_sums, to_mx_targets, train_loss
+    from kd_worker.engine import losses as L
+    from kd_worker.engine.models import hidden_at
+    from kd_worker.engine.trainer import head_sums, to_mx_targets, train_loss
 
     body = {**BODY, "num_hidden_layers": 1}
     lm, cfg = student(vocab, body)

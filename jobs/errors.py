@@ -57,7 +57,7 @@ class JobInterrupted(KDError):
 
 
 def raise_if_stopped(reason: str | None, where: str, resume_note: str) -> None:
-    """Turn a stop request ("cancel" / "shutdown", see kd_worker.runtime.JobControl) into the job's exception."""
+    """Turn a stop request ("cancel" / "shutdown", see kd_worker.daemon.runtime.JobControl) into the job's exception."""
     if reason == "cancel":
         raise JobCanceled(f"canceled {where}")
     if reason == "shutdown":

@@ -20,7 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from jobs.errors import ConfigError
 
 SCHEMA_VERSION = 1
-TASK_FUNC = "kd_worker.task.run_kd_job"
+TASK_FUNC = "kd_worker.daemon.task.run_kd_job"
 ALLOWED_TASKS = frozenset({TASK_FUNC})
 DOMAINS = ("thinking", "task", "action", "reflection", "debug", "memory")
 PRIORITIES = ("high", "normal", "low")

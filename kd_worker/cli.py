@@ -14,8 +14,8 @@ from typing import Any
 import structlog
 
 from jobs.errors import ConfigError, KDError
-from kd_worker.blas import ensure_fast_blas
-from kd_worker.logs import configure_logging
+from kd_worker.ops.blas import ensure_fast_blas
+from kd_worker.ops.logs import configure_logging
 from kd_worker.settings import WorkerSettings, load_settings, require_model_dir
 
 log = structlog.get_logger(__name__)
@@ -31,7 +31,7 @@ def cmd_doctor(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from kd_worker.doctor import run_checks
+    from kd_worker.ops.doctor import run_checks
 
     checks = run_checks(settings, blas)
     if args.json:
@@ -49,7 +49,7 @@ def cmd_doctor(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
 
 
 def cmd_make_models(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
-    from kd_worker.tinymodels import ALL_NAMES, build_demo_models
+    from kd_worker.fixtures.tinymodels import ALL_NAMES, build_demo_models
 
     out = Path(args.dir) if args.dir else default_models_dir(settings)
     paths = build_demo_models(out, tuple(args.only) if args.only else ALL_NAMES)
@@ -69,9 +69,9 @@ def _file_sha(path: Path) -> str:
 
 def cmd_distill(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
     from jobs.config import parse_overrides, resolve_config
-    from kd_worker.distill import DistillRequest, run_distillation
-    from kd_worker.progress import ConsoleProgress
-    from kd_worker.runtime import Runtime
+    from kd_worker.engine.distill import DistillRequest, run_distillation
+    from kd_worker.ops.console import ConsoleProgress
+    from kd_worker.daemon.runtime import Runtime
 
     if args.out:
         settings = settings.model_copy(update={"adapters_dir": Path(args.out)})
@@ -116,122 +116,20 @@ def print_outcome(outcome: dict[str, Any], as_json: bool) -> None:
                       f"published {gate.get('published_kl'):.4f}); rerun with --force to publish anyway")
 
 
-def wait_for_redis(conn, max_wait_s: float = 60.0) -> None:
-    """Block (with backoff, logging) until Redis answers: a worker outlives Redis restarts."""
-    import time
-
-    from redis import RedisError
-    from redis.exceptions import AuthenticationError
-
-    delay = 0.5
-    while True:
-        try:
-            conn.ping()
-            return
-        except AuthenticationError as e:  # waiting will not fix a wrong password: a configuration error
-            raise ConfigError(f"Redis refused the credentials of KD_REDIS_URL ({e}); set "
-                              "redis://:PASSWORD@host:port/db or unix:///path/redis.sock?password=PASSWORD") from e
-        except RedisError as e:
-            log.warning("redis_unavailable", error=str(e), retry_in_s=delay)
-            time.sleep(delay)
-            delay = min(delay * 2, max_wait_s)
-
-
-def redis_answers(conn) -> bool:
-    from redis import RedisError
-
-    try:
-        return bool(conn.ping())
-    except RedisError:
-        return False
-
-
-def install_stop_handlers(control, started: list) -> None:
-    """SIGTERM/SIGINT before rq's work() installs its own handlers (model loading, start-up):
-    note the stop, and make rq's loop stop at its first check instead of taking a job."""
-    import signal
-
-    def stop(signum, frame):
-        control.shutdown()
-        for worker in started:
-            worker._stop_requested = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-
-
 def cmd_run(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
     """The daemon. Exit codes (the service restart rule): 0 after a requested stop (SIGTERM/SIGINT)
     or when --burst/--max-jobs are done, 1 when the work loop ends otherwise, 78 on a bad configuration."""
+    from kd_worker.daemon.serve import serve
+
     try:
-        return serve(args, settings, blas)
+        return serve(settings, blas.library, burst=args.burst, max_jobs=args.max_jobs)
     except ConfigError as e:
         print(f"kd-worker run: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
 
-def serve(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
-    """Teacher (and student) resident before the loop, then rq's loop, rejoining after Redis outages."""
-    from redis import Redis, RedisError
-    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
-    from rq import Queue
-    from rq.serializers import JSONSerializer
-
-    from jobs.models import queue_names
-    from kd_worker.runtime import JobControl, Runtime, WorkerContext, install_context
-    from kd_worker.worker import KDWorker
-
-    teacher = require_model_dir(settings.teacher, "KD_TEACHER")
-    student = require_model_dir(settings.student, "KD_STUDENT")
-    # TCP keepalive detects a dead peer; a unix socket connection refuses the option (TypeError)
-    keepalive = {} if settings.redis_url.startswith("unix:") else {"socket_keepalive": True}
-    conn = Redis.from_url(settings.redis_url, health_check_interval=30, **keepalive)
-    runtime, control, started = Runtime(settings), JobControl(), []
-    install_stop_handlers(control, started)  # a stop during start-up is a clean, requested stop
-    runtime.teacher(teacher)  # resident for the life of the process
-    if settings.cache_student:
-        with runtime.student(student):
-            pass
-    if control.shutting_down:
-        return EXIT_OK
-    install_context(WorkerContext(settings, runtime, conn, control))
-    queues = [Queue(n, connection=conn, serializer=JSONSerializer) for n in queue_names(settings.queue).values()]
-    wait_for_redis(conn)  # before KDWorker(): its constructor already talks to Redis
-    worker = KDWorker(queues, conn, control, settings.heartbeat_interval, settings.lost_job_grace,
-                      name=settings.worker_name)
-    worker.claim_name()
-    started.append(worker)
-    worker.recover_orphans()
-    worker.sweep_lost_jobs()  # first sighting; the heartbeat requeues them a grace period later
-    worker.start_heartbeat()
-    log.info("worker_started", name=worker.name, queues=worker.queue_names(), teacher=str(teacher), blas=blas.library)
-    try:
-        while True:
-            try:
-                worker.work(burst=args.burst, max_jobs=args.max_jobs, logging_level=settings.log_level.upper())
-            except (RedisConnectionError, RedisTimeoutError) as e:
-                worker.lost_redis = True
-                log.warning("work_loop_redis_error", error=str(e))
-            except RedisError as e:
-                log.warning("work_loop_redis_error", error=str(e))
-            if control.shutting_down or worker._stop_requested or args.burst or args.max_jobs:
-                return EXIT_OK
-            if worker.lost_redis or not redis_answers(conn):
-                try:
-                    wait_for_redis(conn)  # Redis went away mid-loop: wait, recover our jobs, resume
-                    worker.rejoin()
-                except RedisError as e:  # gone again: wait once more
-                    worker.lost_redis = True
-                    log.warning("rejoin_failed", error=str(e))
-                continue
-            log.error("work_loop_ended_unexpectedly")
-            return EXIT_ERROR  # a supervisor (launchd/systemd) restarts us on non-zero exits
-    finally:
-        worker.stop_heartbeat()
-
-
 def cmd_demo(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
-    from kd_worker.demo import run_demo
+    from kd_worker.fixtures.demo import run_demo
 
     return run_demo(settings, Path(args.dir).resolve(), args.iterations, "KD_REDIS_URL" in os.environ)
 
@@ -274,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--iterations", type=int, default=200, help="training steps of the demo job")
     dm.set_defaults(func=cmd_demo)
 
-    from kd_worker.service import add_service_parser
+    from kd_worker.ops.service import add_service_parser
 
     add_service_parser(sub)
     return p

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # `import helpers` from any test directory
 
-from kd_worker.blas import ensure_fast_blas  # noqa: E402
+from kd_worker.ops.blas import ensure_fast_blas  # noqa: E402
 
 ensure_fast_blas()  # must precede every `import mlx.core` in the test session
 
@@ -19,7 +19,7 @@ from helpers import RedisServer, WorkerProcess, worker_env  # noqa: E402
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory) -> Path:
     """The tiny demo models, built once per session (about 2 s)."""
-    from kd_worker.tinymodels import build_demo_models
+    from kd_worker.fixtures.tinymodels import build_demo_models
 
     root = tmp_path_factory.mktemp("models")
     build_demo_models(root)

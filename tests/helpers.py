@@ -17,7 +17,7 @@ from typing import Any
 import redis
 
 from kd_client import queue as Q
-from kd_worker.demo import child_env, venv_bin  # noqa: F401 (venv_bin: the same executables the demo starts)
+from kd_worker.fixtures.demo import child_env, venv_bin  # noqa: F401 (venv_bin: the same executables the demo starts)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "jobs" / "samples"
@@ -164,8 +164,8 @@ def distill(tmp: Path, models_root: Path, domain: str = "memory", data: tuple | 
             publish_guard: Callable = contextlib.nullcontext) -> dict[str, Any]:
     """One `run_distillation` on the tiny models; `data` defaults to the domain's bundled sample
     prompts, `settings` to work/ and adapters_kd/ under `tmp`, `runtime` to a fresh one."""
-    from kd_worker.distill import DistillRequest, run_distillation
-    from kd_worker.runtime import Runtime
+    from kd_worker.engine.distill import DistillRequest, run_distillation
+    from kd_worker.daemon.runtime import Runtime
 
     s = settings or engine_settings(tmp)
     req = DistillRequest(domain, data or (("prompts", SAMPLES / f"{domain}.jsonl"),), models_root / teacher,

@@ -90,7 +90,7 @@ def enqueue_pickled(conn, case: Case, tmp: Path) -> str:
 
 
 def enqueue_other_function(conn, case: Case, tmp: Path) -> str:
-    return raw_enqueue(conn, {"payload": payload_of(conn, case)}, func="kd_worker.task.materialize_data",
+    return raw_enqueue(conn, {"payload": payload_of(conn, case)}, func="kd_worker.daemon.task.materialize_data",
                        job_id=f"bad-{case.name}")
 
 

@@ -95,7 +95,7 @@ def test_a_retry_after_the_bookkeeping_of_a_publish_failed_does_not_publish_twic
     raises, rq retries it, and the retry must find its own version instead of publishing another."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from kd_worker.runtime import Runtime
+    from kd_worker.daemon.runtime import Runtime
 
     settings = engine_settings(tmp_path)
     runtime = Runtime(settings)

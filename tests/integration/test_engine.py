@@ -16,9 +16,9 @@ import mlx_lm
 
 from helpers import FAST, SAMPLES, distill, engine_settings, kd_env, venv_bin
 from jobs.errors import JobInterrupted, TrainingDiverged, VocabularyMismatch
-from kd_worker import teacher as T
-from kd_worker.models import load_model_dir
-from kd_worker.vocab import plan_vocabulary
+from kd_worker.engine import teacher as T
+from kd_worker.engine.models import load_model_dir
+from kd_worker.engine.vocab import plan_vocabulary
 
 PROMPTS = SAMPLES / "memory.jsonl"
 
@@ -109,7 +109,7 @@ def test_quantized_teacher_and_qlora_student(tmp_path, models_root):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, models_root, monkeypatch):
-    from kd_worker import distill as D
+    from kd_worker.engine import distill as D
 
     real = D.student_sequences
 

@@ -9,7 +9,7 @@ import pytest
 
 from helpers import distill, engine_settings
 from jobs import publisher
-from kd_worker.runtime import Runtime
+from kd_worker.daemon.runtime import Runtime
 
 COMMON = {"gen_max_tokens": 24, "val_fraction": 0.25, "val_every": 100, "save_every": 100}
 TRAINED = {**COMMON, "iterations": 40, "learning_rate": 1e-3}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kd_worker import blas
+from kd_worker.ops import blas
 
 
 def test_core_type_from_cpu_flags():
@@ -44,7 +44,7 @@ def test_this_test_session_runs_on_openblas():
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
 def test_too_late_is_reported_not_hidden():
-    code = ("import mlx.core\nfrom kd_worker.blas import ensure_fast_blas\ni = ensure_fast_blas()\n"
+    code = ("import mlx.core\nfrom kd_worker.ops.blas import ensure_fast_blas\ni = ensure_fast_blas()\n"
             "print(i.fast, i.note)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.splitlines()[-1].startswith("False") and "imported before" in out.stdout
@@ -52,7 +52,7 @@ def test_too_late_is_reported_not_hidden():
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
 def test_missing_library_explains_how_to_install(tmp_path):
-    code = (f"from pathlib import Path\nfrom kd_worker.blas import ensure_fast_blas\n"
+    code = (f"from pathlib import Path\nfrom kd_worker.ops.blas import ensure_fast_blas\n"
             f"i = ensure_fast_blas(Path('{tmp_path}/nope.so'))\nprint(i.fast, i.note)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.splitlines()[-1].startswith("False") and "libopenblas0-pthread" in out.stdout

@@ -38,7 +38,7 @@ def test_submit_stores_data_once_as_a_blob_and_enqueues_a_small_payload(conn, se
     assert not sub.duplicate and sub.ticket == 1
     assert conn.get(blob_key(ds.sha256)) == ds.data
     rq_job = Job.fetch(sub.job_id, connection=conn, serializer=JSONSerializer)
-    assert rq_job.func_name == "kd_worker.task.run_kd_job" and rq_job.timeout == settings.job_timeout
+    assert rq_job.func_name == "kd_worker.daemon.task.run_kd_job" and rq_job.timeout == settings.job_timeout
     assert rq_job.result_ttl == settings.result_ttl and rq_job.meta["ticket"] == 1
     assert len(json.dumps(rq_job.kwargs)) < 2000  # records are not in the payload
     assert conn.zscore(active_key("memory"), sub.job_id) == 1

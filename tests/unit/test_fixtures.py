@@ -10,7 +10,7 @@ import pytest
 
 import mlx_lm
 
-from kd_worker import tinymodels as tm
+from kd_worker.fixtures import tinymodels as tm
 
 
 def test_tokenizer_training_is_deterministic():

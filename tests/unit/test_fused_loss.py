@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kd_worker import losses as L
+from kd_worker.engine import losses as L
 from test_losses import sparse_targets
 
 

@@ -9,8 +9,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from bench.step import BODY, batch, student
-from kd_worker import trainer as TR
-from kd_worker.losses import combine
+from kd_worker.engine import trainer as TR
+from kd_worker.engine.losses import combine
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])

@@ -7,7 +7,7 @@ import pytest
 
 import mlx.core as mx
 
-from kd_worker import losses as L
+from kd_worker.engine import losses as L
 
 
 def np_log_softmax(x):

@@ -20,8 +20,8 @@ import redis
 
 from helpers import SHIPPED_REDIS_CONF, free_port, wait_for
 from jobs.errors import ConfigError
-from kd_worker import service
-from kd_worker.service import LABEL, REDIS_LABEL, REDIS_UNIT, UNIT, Run, Write
+from kd_worker.ops import service, units
+from kd_worker.ops.units import LABEL, REDIS_LABEL, REDIS_UNIT, UNIT, Run, Write
 from kd_worker.settings import WorkerSettings
 
 # Every key of launchd.plist(5) a kd plist may use; a misspelt key (ExitTimeout) is silently ignored by launchd.
@@ -68,9 +68,9 @@ def printed_commands(out: str) -> list[str]:
 # --- launchd ---------------------------------------------------------------------------------------
 
 def test_worker_plist_parses_with_required_keys_and_types(home, tmp_path, no_commands):
-    host = service.host_for("launchd", home=home)
+    host = units.host_for("launchd", home=home)
     s = settings(redis_url="redis://:s3cret@127.0.0.1:6390/0", shutdown_grace=90, teacher=Path("models/teacher"))
-    service.apply(service.plan("install", host, s), dry_run=tmp_path / "out")
+    service.apply(units.plan("install", host, s), dry_run=tmp_path / "out")
     with open(tmp_path / "out" / f"{LABEL}.plist", "rb") as f:
         plist = plistlib.load(f)
 
@@ -80,7 +80,7 @@ def test_worker_plist_parses_with_required_keys_and_types(home, tmp_path, no_com
     assert isinstance(args, list) and all(isinstance(a, str) for a in args) and args[1:] == ["run"]
     assert Path(args[0]).name == "kd-worker" and os.access(args[0], os.X_OK)
     assert Path(args[0]).parent == host.kd_worker.parent  # this venv's bin dir
-    assert plist["WorkingDirectory"] == str(service.REPO)
+    assert plist["WorkingDirectory"] == str(units.REPO)
     assert plist["KeepAlive"] == {"SuccessfulExit": False}
     assert plist["RunAtLoad"] is True
     assert type(plist["ThrottleInterval"]) is int and 10 <= plist["ThrottleInterval"] <= 30
@@ -100,21 +100,21 @@ def test_worker_plist_parses_with_required_keys_and_types(home, tmp_path, no_com
 
 def test_plist_values_are_xml_escaped(home):
     url = "redis://:a&b<c>d\"e'f$%@127.0.0.1:6379/0"
-    text = service.render_worker_plist(service.host_for("launchd", home=home), settings(redis_url=url))
+    text = units.render_worker_plist(units.host_for("launchd", home=home), settings(redis_url=url))
     assert plistlib.loads(text.encode())["EnvironmentVariables"]["KD_REDIS_URL"] == url
 
 
 def test_default_grace_reaches_exit_timeout(home):
-    text = service.render_worker_plist(service.host_for("launchd", home=home), settings())
+    text = units.render_worker_plist(units.host_for("launchd", home=home), settings())
     plist = plistlib.loads(text.encode())
     assert plist["ExitTimeOut"] == WorkerSettings().shutdown_grace == 60
     assert plist["EnvironmentVariables"] == {"KD_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
 
 
 def test_launchd_install_dry_run_renders_and_prints_without_running(home, tmp_path, capsys, no_commands):
-    host = service.host_for("launchd", home=home)
+    host = units.host_for("launchd", home=home)
     out = tmp_path / "out"
-    assert service.apply(service.plan("install", host, settings(), with_redis=True), dry_run=out) == 0
+    assert service.apply(units.plan("install", host, settings(), with_redis=True), dry_run=out) == 0
 
     agents, dom = home / "Library" / "LaunchAgents", f"gui/{os.getuid()}"
     assert printed_commands(capsys.readouterr().out) == [
@@ -133,21 +133,21 @@ def test_launchd_install_dry_run_renders_and_prints_without_running(home, tmp_pa
 
 
 def test_launchd_uninstall_and_status_dry_run(home, tmp_path, capsys, no_commands):
-    host = service.host_for("launchd", home=home)
+    host = units.host_for("launchd", home=home)
     dom, plist = f"gui/{os.getuid()}", home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
-    service.apply(service.plan("uninstall", host, settings()), dry_run=tmp_path / "u")
+    service.apply(units.plan("uninstall", host, settings()), dry_run=tmp_path / "u")
     out = capsys.readouterr().out
     assert printed_commands(out) == [f"launchctl bootout {dom}/{LABEL}"]
     assert f"[dry-run] rm -f {plist}" in out.splitlines()
     assert list((tmp_path / "u").iterdir()) == []
 
-    service.apply(service.plan("status", host, settings()), dry_run=tmp_path / "s")
+    service.apply(units.plan("status", host, settings()), dry_run=tmp_path / "s")
     assert printed_commands(capsys.readouterr().out) == [f"launchctl print {dom}/{LABEL}"]
 
 
 def test_launchd_has_no_system_mode():
     with pytest.raises(ConfigError, match="LaunchAgent"):
-        service.host_for("launchd", system=True)
+        units.host_for("launchd", system=True)
 
 
 # --- systemd ---------------------------------------------------------------------------------------
@@ -172,9 +172,9 @@ def systemd_verify(tmp_path: Path, files: list[Path], user: bool) -> None:
 
 
 def test_user_units_verify_and_carry_the_restart_policy(home, tmp_path, no_commands):
-    host = service.host_for("systemd", home=home)
+    host = units.host_for("systemd", home=home)
     out = tmp_path / "out"
-    service.apply(service.plan("install", host, settings(shutdown_grace=120), with_redis=True), dry_run=out)
+    service.apply(units.plan("install", host, settings(shutdown_grace=120), with_redis=True), dry_run=out)
 
     unit = unit_sections((out / UNIT).read_text())
     svc = unit["Service"]
@@ -182,7 +182,7 @@ def test_user_units_verify_and_carry_the_restart_policy(home, tmp_path, no_comma
     assert svc["KillMode"] == "mixed" and svc["TimeoutStopSec"] == "120"
     assert 10 <= int(svc["RestartSec"]) <= 30
     assert shlex.split(svc["ExecStart"]) == [str(host.kd_worker), "run"]
-    assert svc["WorkingDirectory"] == str(service.REPO) and svc["EnvironmentFile"] == str(host.env_file)
+    assert svc["WorkingDirectory"] == str(units.REPO) and svc["EnvironmentFile"] == str(host.env_file)
     assert unit["Unit"]["After"] == REDIS_UNIT and unit["Unit"]["Wants"] == REDIS_UNIT
     assert unit["Unit"]["StartLimitIntervalSec"] == "0"
     assert unit["Install"]["WantedBy"] == "default.target" and "User" not in svc
@@ -193,12 +193,12 @@ def test_user_units_verify_and_carry_the_restart_policy(home, tmp_path, no_comma
 
 
 def test_system_unit_verifies_orders_after_redis_and_drops_root(home, tmp_path, no_commands):
-    host = service.host_for("systemd", system=True, home=home)
+    host = units.host_for("systemd", system=True, home=home)
     out = tmp_path / "out"
-    service.apply(service.plan("install", host, settings()), dry_run=out)
+    service.apply(units.plan("install", host, settings()), dry_run=out)
     unit = unit_sections((out / UNIT).read_text())
     assert unit["Unit"]["After"] == "redis-server.service" and unit["Unit"]["Wants"] == "redis-server.service"
-    assert unit["Service"]["User"] == service.REPO.owner()  # the owner of the checkout and its venv
+    assert unit["Service"]["User"] == units.REPO.owner()  # the owner of the checkout and its venv
     assert unit["Service"]["EnvironmentFile"] == "/etc/kd-daemon/kd-worker.env"
     assert unit["Service"]["TimeoutStopSec"] == "60"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
@@ -214,9 +214,9 @@ def test_exec_start_quoting_survives_unusual_paths(tmp_path, home):
     exe = odd / "kd-worker"
     exe.write_text("#!/bin/sh\nexit 0\n")
     exe.chmod(0o755)
-    host = service.host_for("systemd", kd_worker=exe, home=home)
+    host = units.host_for("systemd", kd_worker=exe, home=home)
     unit = tmp_path / UNIT
-    unit.write_text(service.render_worker_unit(host, settings(), with_redis=False))
+    unit.write_text(units.render_worker_unit(host, settings(), with_redis=False))
     systemd_verify(tmp_path, [unit], user=True)
 
 
@@ -225,8 +225,8 @@ def test_env_file_reads_back_exactly(tmp_path):
     s = settings(redis_url="redis://:p$HOME\"`x`\\y'%z@127.0.0.1:6379/0", kd_defaults={"temperature": 2.0},
                  cache_student=False)
     env_file = tmp_path / "kd.env"
-    env_file.write_text(service.render_env_file(s))
-    expected = service.service_env(s)
+    env_file.write_text(units.render_env_file(s))
+    expected = units.service_env(s)
     script = '. "$1"; ' + " ".join(f'printf "%s\\0" "${k}";' for k in expected)
     got = subprocess.run(["sh", "-c", script, "sh", str(env_file)], capture_output=True, check=True, env={}).stdout
     assert dict(zip(expected, got.decode().split("\0")[:-1])) == expected
@@ -235,7 +235,7 @@ def test_env_file_reads_back_exactly(tmp_path):
 def test_service_env_round_trips_through_settings(monkeypatch):
     s = settings(redis_url="unix:///tmp/r.sock?password=x", queue="kd-test", adapters_dir=Path("out/adapters"),
                  kd_defaults={"alpha": 0.5}, cache_student=False, shutdown_grace=45, openblas_coretype="Haswell")
-    env = service.service_env(s)
+    env = units.service_env(s)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     back = WorkerSettings()
@@ -245,27 +245,27 @@ def test_service_env_round_trips_through_settings(monkeypatch):
 
 
 def test_systemd_dry_runs_print_the_commands(home, tmp_path, capsys, no_commands):
-    user = service.host_for("systemd", home=home)
-    service.apply(service.plan("install", user, settings()), dry_run=tmp_path / "i")
+    user = units.host_for("systemd", home=home)
+    service.apply(units.plan("install", user, settings()), dry_run=tmp_path / "i")
     assert printed_commands(capsys.readouterr().out) == [
         "systemctl --user daemon-reload", f"systemctl --user enable {UNIT}", f"systemctl --user restart {UNIT}"]
     assert sorted(p.name for p in (tmp_path / "i").iterdir()) == ["kd-worker.env", UNIT]
 
-    service.apply(service.plan("uninstall", user, settings(), with_redis=True), dry_run=tmp_path / "u")
+    service.apply(units.plan("uninstall", user, settings(), with_redis=True), dry_run=tmp_path / "u")
     out = capsys.readouterr().out
     assert printed_commands(out) == [f"systemctl --user disable --now {UNIT}",
                                      f"systemctl --user disable --now {REDIS_UNIT}", "systemctl --user daemon-reload"]
     assert f"[dry-run] rm -f {user.env_file}" in out.splitlines()
 
-    system = service.host_for("systemd", system=True, home=home)
-    service.apply(service.plan("status", system, settings()), dry_run=tmp_path / "s")
+    system = units.host_for("systemd", system=True, home=home)
+    service.apply(units.plan("status", system, settings()), dry_run=tmp_path / "s")
     assert printed_commands(capsys.readouterr().out) == [f"systemctl status --no-pager {UNIT}"]
     assert not home.exists()
 
 
 def test_system_units_refuse_the_user_level_redis(home):
     with pytest.raises(ConfigError, match="redis-server.service"):
-        service.plan("install", service.host_for("systemd", system=True, home=home), settings(), with_redis=True)
+        units.plan("install", units.host_for("systemd", system=True, home=home), settings(), with_redis=True)
 
 
 # --- the real (non-dry) path, with the one subprocess function replaced ----------------------------
@@ -273,8 +273,8 @@ def test_system_units_refuse_the_user_level_redis(home):
 def test_install_writes_real_paths_and_runs_the_planned_commands(home, monkeypatch):
     calls = []
     monkeypatch.setattr(service, "_execute", lambda argv, quiet: calls.append(argv) or 0)
-    host = service.host_for("systemd", home=home)
-    steps = service.plan("install", host, settings(redis_url="redis://:pw@127.0.0.1:6379/0"), with_redis=True)
+    host = units.host_for("systemd", home=home)
+    steps = units.plan("install", host, settings(redis_url="redis://:pw@127.0.0.1:6379/0"), with_redis=True)
     assert service.apply(steps) == 0
     assert calls == runs(steps)
     assert (host.unit_dir / UNIT).is_file() and (host.unit_dir / REDIS_UNIT).is_file()
@@ -283,14 +283,14 @@ def test_install_writes_real_paths_and_runs_the_planned_commands(home, monkeypat
     assert 'KD_REDIS_URL="redis://:pw@127.0.0.1:6379/0"' in host.env_file.read_text().splitlines()
 
     calls.clear()
-    steps = service.plan("uninstall", host, settings(), with_redis=True)
+    steps = units.plan("uninstall", host, settings(), with_redis=True)
     assert service.apply(steps) == 0 and calls == runs(steps)
     assert not (host.unit_dir / UNIT).exists() and not host.env_file.exists()
     assert host.redis_data.is_dir()  # queued jobs are data: uninstall keeps them
 
 
 def test_failed_command_stops_install_but_not_loaded_is_fine(home, monkeypatch):
-    host = service.host_for("launchd", home=home)
+    host = units.host_for("launchd", home=home)
     calls = []
 
     def launchctl(argv, quiet):
@@ -298,15 +298,15 @@ def test_failed_command_stops_install_but_not_loaded_is_fine(home, monkeypatch):
         return {"bootout": 3, "bootstrap": 5}.get(argv[1], 0)  # 3: not loaded; 5: bootstrap failed
 
     monkeypatch.setattr(service, "_execute", launchctl)
-    steps = service.plan("install", host, settings(), with_redis=True)
+    steps = units.plan("install", host, settings(), with_redis=True)
     assert service.apply(steps) == 5
     assert [c[1] for c in calls] == ["bootout", "bootout", "enable", "bootstrap"]  # stopped at the failure
 
     calls.clear()
-    assert service.apply(service.plan("status", host, settings(), with_redis=True)) == 0
+    assert service.apply(units.plan("status", host, settings(), with_redis=True)) == 0
     calls.clear()
     monkeypatch.setattr(service, "_execute", lambda argv, quiet: calls.append(argv) or 113)  # not found
-    assert service.apply(service.plan("status", host, settings(), with_redis=True)) == 113
+    assert service.apply(units.plan("status", host, settings(), with_redis=True)) == 113
     assert len(calls) == 2  # status reports every agent
 
 
@@ -317,20 +317,20 @@ def test_missing_service_manager_is_a_config_error():
 
 def test_missing_templates_or_executable_are_config_errors(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        service.host_for("systemd", kd_worker=tmp_path / "kd-worker")
-    monkeypatch.setattr(service, "TEMPLATES", tmp_path / "gone")
+        units.host_for("systemd", kd_worker=tmp_path / "kd-worker")
+    monkeypatch.setattr(units, "TEMPLATES", tmp_path / "gone")
     with pytest.raises(ConfigError, match="templates not found"):
-        service.host_for("systemd")
+        units.host_for("systemd")
 
 
 def test_a_template_that_breaks_the_plist_fails_at_render(monkeypatch, tmp_path, home):
     broken = tmp_path / "templates"
-    shutil.copytree(service.TEMPLATES, broken)
+    shutil.copytree(units.TEMPLATES, broken)
     plist = broken / f"{LABEL}.plist.in"
     plist.write_text(plist.read_text().replace("<true/>", "<true>", 1))
-    monkeypatch.setattr(service, "TEMPLATES", broken)
+    monkeypatch.setattr(units, "TEMPLATES", broken)
     with pytest.raises(ConfigError, match="not a valid property list"):
-        service.render_worker_plist(service.host_for("launchd", home=home), settings())
+        units.render_worker_plist(units.host_for("launchd", home=home), settings())
 
 
 def test_cli_wiring_runs_a_dry_run(tmp_path, capsys, no_commands):
@@ -403,8 +403,8 @@ def assert_queue_config(client: redis.Redis) -> None:
 
 
 def test_rendered_redis_unit_starts_and_tells_systemd_it_is_ready(home, tmp_path):
-    host = service.host_for("systemd", home=home)
-    unit = unit_sections(service.render_redis_unit(host))
+    host = units.host_for("systemd", home=home)
+    unit = unit_sections(units.render_redis_unit(host))
     argv = shlex.split(unit["Service"]["ExecStart"])
     assert argv[:2] == [str(host.redis_server), str(SHIPPED_REDIS_CONF)]
     host.redis_data.mkdir(parents=True)  # install's MakeDir step
@@ -422,8 +422,8 @@ def test_rendered_redis_unit_starts_and_tells_systemd_it_is_ready(home, tmp_path
 
 
 def test_rendered_redis_plist_program_starts(home):
-    host = service.host_for("launchd", home=home)
-    plist = plistlib.loads(service.render_redis_plist(host).encode())
+    host = units.host_for("launchd", home=home)
+    plist = plistlib.loads(units.render_redis_plist(host).encode())
     host.redis_data.mkdir(parents=True)
     port = free_port()
     with redis_process(plist["ProgramArguments"] + ["--port", str(port)], port) as (_, client):

@@ -8,11 +8,11 @@ import pytest
 
 from jobs.config import resolve_config
 from jobs.errors import VocabularyMismatch
-from kd_worker import tinymodels as tm
-from kd_worker import xtok
-from kd_worker.data import SoftTargets
-from kd_worker.tokmap import piece_bytes, token_pair, token_table
-from kd_worker.xtok import Group, align, anchor, spans_of, student_spans, teacher_text
+from kd_worker.fixtures import tinymodels as tm
+from kd_worker.engine import xtok
+from kd_worker.engine.data import SoftTargets
+from kd_worker.engine.tokmap import piece_bytes, token_pair, token_table
+from kd_worker.engine.xtok import Group, align, anchor, spans_of, student_spans, teacher_text
 from test_losses import np_log_softmax
 
 
@@ -191,7 +191,7 @@ def test_unsupported_tokenizer_models_are_refused():
 
 
 def dense_targets(logp_dense: np.ndarray, k: int, temperature: float) -> SoftTargets:
-    """Top-k targets the way kd_worker.teacher stores them, from dense float64 log-probs."""
+    """Top-k targets the way kd_worker.engine.teacher stores them, from dense float64 log-probs."""
     ids = np.argsort(-logp_dense, axis=-1)[:, :k]
     top = np.take_along_axis(logp_dense, ids, -1)
     rest = np.ones_like(logp_dense, bool)

@@ -8,13 +8,13 @@ import pytest
 
 import mlx.core as mx
 
-from kd_worker import losses as L
-from kd_worker.data import Sequence_, SoftTargets, collate
+from kd_worker.engine import losses as L
+from kd_worker.engine.data import Sequence_, SoftTargets, collate
 from test_losses import np_log_softmax
 
 
 def teacher_rows(t_logits: np.ndarray, k: int, temperature: float) -> tuple[mx.array, mx.array]:
-    """Sorted top-k T=1 log-probs and lse at T, as kd_worker.teacher stores them."""
+    """Sorted top-k T=1 log-probs and lse at T, as kd_worker.engine.teacher stores them."""
     lp = np_log_softmax(t_logits.astype(np.float64))
     top = -np.sort(-lp, axis=-1)[:, :k]
     lse_t = np.log(np.exp(lp / temperature).sum(-1))

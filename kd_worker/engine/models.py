@@ -48,8 +48,8 @@ class LoadedModel:
 
     @functools.cached_property
     def token_table(self):
-        """Token id -> exact bytes (kd_worker.tokmap), built once per resident model (152k entries)."""
-        from kd_worker.tokmap import token_table
+        """Token id -> exact bytes (kd_worker.engine.tokmap), built once per resident model (152k entries)."""
+        from kd_worker.engine.tokmap import token_table
 
         return token_table(self.hf_tokenizer)
 

@@ -37,7 +37,7 @@ from rq.worker import WorkerStatus
 
 from jobs.errors import ConfigError, JobCanceled, KDError, SecurityError
 from jobs.models import ALLOWED_TASKS, active_key, health_key
-from kd_worker.runtime import JobControl
+from kd_worker.daemon.runtime import JobControl
 
 log = structlog.get_logger(__name__)
 

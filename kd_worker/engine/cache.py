@@ -20,7 +20,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from kd_worker.data import FIELDS, SoftTargets
+from kd_worker.engine.data import FIELDS, SoftTargets
 
 
 def cache_key(**parts: Any) -> str:

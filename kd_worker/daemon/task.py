@@ -19,11 +19,11 @@ from jobs.config import resolve_config
 from jobs.errors import ConfigError, DataError, JobInterrupted, SecurityError
 from jobs.publisher import write_bytes_atomic
 from jobs.models import KDJob, blob_key, cancel_key, parse_job
-from kd_worker import ordering
-from kd_worker.distill import DistillRequest, run_distillation
-from kd_worker.runtime import WorkerContext, current_context
+from kd_worker.daemon import ordering
+from kd_worker.engine.distill import DistillRequest, run_distillation
+from kd_worker.daemon.runtime import WorkerContext, current_context
 from kd_worker.settings import WorkerSettings, require_model_dir
-from kd_worker.trainer import Progress
+from kd_worker.engine.trainer import Progress
 
 log = structlog.get_logger(__name__)
 

@@ -6,7 +6,7 @@ and it has no place to stop between steps for a cancel or a warm shutdown. Every
 mlx-lm's: `linear_to_lora_layers`, its adapter layout, `nn.value_and_grad`, and the compiled
 step over `[model.state, optimizer.state]`.
 
-Exact resume: the batch at step s is a pure function of (seed, s) (kd_worker.data), the random
+Exact resume: the batch at step s is a pure function of (seed, s) (kd_worker.engine.data), the random
 state is re-seeded from (seed, s) before every step, and a checkpoint holds adapter weights,
 the full Adam state and the step; a run resumed at step 100 of 200 replays steps 101..200
 bit for bit.
@@ -30,9 +30,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from jobs.config import KDConfig
 from jobs.errors import TrainingDiverged, raise_if_stopped
-from kd_worker import losses as L
-from kd_worker.data import Batch, Sequence_, batch_for_step, batch_plan, collate
-from kd_worker.models import LoadedModel, head_logits, hidden_at
+from kd_worker.engine import losses as L
+from kd_worker.engine.data import Batch, Sequence_, batch_for_step, batch_plan, collate
+from kd_worker.engine.models import LoadedModel, head_logits, hidden_at
 
 log = structlog.get_logger(__name__)
 

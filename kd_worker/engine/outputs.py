@@ -13,15 +13,15 @@ import mlx.core as mx
 
 from jobs import publisher
 from jobs.config import KDConfig
-from kd_worker.checkpoints import DirCheckpointStore, save_adapter_file
-from kd_worker.data import Sequence_
-from kd_worker.models import LoadedModel
+from kd_worker.engine.checkpoints import DirCheckpointStore, save_adapter_file
+from kd_worker.engine.data import Sequence_
+from kd_worker.engine.models import LoadedModel
 from kd_worker.settings import WorkerSettings
-from kd_worker.trainer import adapter_weights, evaluate, lora_layer_count
-from kd_worker.vocab import VocabPlan
+from kd_worker.engine.trainer import adapter_weights, evaluate, lora_layer_count
+from kd_worker.engine.vocab import VocabPlan
 
 if TYPE_CHECKING:
-    from kd_worker.distill import DistillRequest, Prepared
+    from kd_worker.engine.types import DistillRequest, Prepared
 
 
 def publish_gate(student: LoadedModel, val: Sequence[Sequence_], cfg: KDConfig, n_vocab: int, settings: WorkerSettings,
@@ -114,6 +114,6 @@ def metrics_doc(result, gate: dict[str, Any], n_examples: int, data: Prepared) -
 
 
 def _xtok_report(seqs: Sequence[Sequence_]) -> dict[str, Any]:
-    from kd_worker import xtok
+    from kd_worker.engine import xtok
 
     return xtok.coverage_report(seqs)

@@ -91,7 +91,7 @@ def ensure_fast_blas(library: Path | None = None, coretype: str | None = None) -
     if current and "openblas" in current.lower():
         return BlasInfo(current, os.environ.get("OPENBLAS_CORETYPE"), True, "OpenBLAS already loaded")
     if "mlx.core" in sys.modules:
-        note = "mlx.core was imported before kd_worker.blas.ensure_fast_blas(); MLX keeps its reference BLAS"
+        note = "mlx.core was imported before kd_worker.ops.blas.ensure_fast_blas(); MLX keeps its reference BLAS"
         log.warning("blas_too_late", note=note)
         return BlasInfo(current, None, False, note)
     chosen = coretype or os.environ.get("OPENBLAS_CORETYPE") or choose_coretype(cpu_flags(_read("/proc/cpuinfo")))

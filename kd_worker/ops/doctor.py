@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kd_worker.blas import BlasInfo, mapped_blas
+from kd_worker.ops.blas import BlasInfo, mapped_blas
 from kd_worker.settings import WorkerSettings
 
 

@@ -23,40 +23,21 @@ import structlog
 from jobs import publisher
 from jobs.config import KDConfig, resolve_config
 from jobs.errors import ConfigError, DataError, ModelError, ResourceLimitExceeded, raise_if_stopped
-from kd_worker import outputs
-from kd_worker import teacher as T
-from kd_worker.checkpoints import DirCheckpointStore
-from kd_worker.data import Example, Sequence_, SoftTargets, load_examples, render_prompt, split_examples
-from kd_worker.models import LoadedModel
-from kd_worker.runtime import Runtime
+from kd_worker.engine import outputs
+from kd_worker.engine import teacher as T
+from kd_worker.engine.checkpoints import DirCheckpointStore
+from kd_worker.engine.data import Example, Sequence_, SoftTargets, load_examples, render_prompt, split_examples
+from kd_worker.engine.models import LoadedModel
+from kd_worker.daemon.runtime import Runtime
 from kd_worker.settings import WorkerSettings
-from kd_worker.targets import TargetCache, cache_key
-from kd_worker.trainer import Progress, ProgressFn, StopFn, adapter_weights, attach_lora, train
-from kd_worker.vocab import VocabPlan, plan_vocabulary
+from kd_worker.engine.cache import TargetCache, cache_key
+from kd_worker.engine.types import DistillRequest, Prepared, Scored
+from kd_worker.engine.trainer import Progress, ProgressFn, StopFn, adapter_weights, attach_lora, train
+from kd_worker.engine.vocab import VocabPlan, plan_vocabulary
 
 log = structlog.get_logger(__name__)
 
 SCORE_TOKENS_PER_BATCH = 4096
-
-
-@dataclass(frozen=True)
-class DistillRequest:
-    domain: str
-    data: tuple[tuple[Literal["prompts", "corrections"], Path], ...]
-    teacher: Path
-    student: Path
-    run_id: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-    force_publish: bool = False
-    job_id: str | None = None
-    reuse_outcome: bool = False  # queue retries of one submission: a finished run is not redone
-
-
-@dataclass
-class Scored:
-    example: Example
-    response_ids: list[int]  # teacher tokens (EOS included when the teacher stopped)
-    targets: SoftTargets
 
 
 def _check(reason: str | None) -> None:
@@ -162,7 +143,7 @@ def student_sequences(teacher: LoadedModel, student: LoadedModel, scored: Sequen
                       plan: VocabPlan) -> list[Sequence_]:
     """Same vocabulary: the student's own chat template around the teacher's response ids."""
     if plan.mode == "cross":
-        from kd_worker import xtok
+        from kd_worker.engine import xtok
 
         return xtok.student_sequences(teacher, student, scored, cfg, plan)
     seqs = []
@@ -188,21 +169,10 @@ def require_trainable(student: LoadedModel, cfg: KDConfig) -> None:
                       f"the linear layers of its blocks are {linear}")
 
 
-@dataclass
-class Prepared:
-    """What the teacher phase hands to training: student sequences with their soft targets."""
-
-    plan: VocabPlan
-    targets: list[SoftTargets]
-    train: list[Sequence_]
-    val: list[Sequence_]
-    teacher_s: float
-
-
 def prepare(teacher: LoadedModel, student: LoadedModel, train_ex: list[Example], val_ex: list[Example], cfg: KDConfig,
             cache: TargetCache, progress: ProgressFn, should_stop: StopFn) -> Prepared:
     """Vocabulary plan, teacher responses and targets (cached), student sequences."""
-    plan = plan_vocabulary(teacher, student, allow_cross=True)  # different tokenizers: kd_worker.xtok
+    plan = plan_vocabulary(teacher, student, allow_cross=True)  # different tokenizers: kd_worker.engine.xtok
     ordered = train_ex + val_ex
     prompts = _teacher_prompts(teacher, ordered, cfg)
     t0 = time.perf_counter()

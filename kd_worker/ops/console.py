@@ -7,7 +7,7 @@ import time
 
 import structlog
 
-from kd_worker.trainer import Progress
+from kd_worker.engine.trainer import Progress
 
 log = structlog.get_logger(__name__)
 

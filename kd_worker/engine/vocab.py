@@ -7,7 +7,7 @@ names or `config.vocab_size`:
           151,936, over the same 151,665 tokens): both sides are cut to len(tokenizer)
   cross   different tokenizers: token ids mean different things, so "truncate the teacher's
           logits to the student's vocabulary size" would pair unrelated tokens and train noise;
-          routed to cross-tokenizer distillation (kd_worker.xtok) when enabled, else refused.
+          routed to cross-tokenizer distillation (kd_worker.engine.xtok) when enabled, else refused.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Cross-tokenizer distillation: teacher targets carried over to a student with another tokenizer.
 
-The teacher generates and scores with its own tokenizer and template (kd_worker.teacher); here,
+The teacher generates and scores with its own tokenizer and template (kd_worker.engine.teacher); here,
 after scoring, the response is re-rendered for the student:
 
   teacher response ids -> bytes (byte-level / sentencepiece markers undone) -> text
@@ -11,7 +11,7 @@ after scoring, the response is re-rendered for the student:
   anything else (the student splits a teacher token, spans disagree) -> ULD or CE only
 
 Mapping: a teacher token maps to the student token that stands for exactly the same bytes
-(kd_worker.tokmap); the end-of-turn tokens map by role. Teacher mass on tokens without a
+(kd_worker.engine.tokmap); the end-of-turn tokens map by role. Teacher mass on tokens without a
 counterpart goes into the tail bucket. When one student token covers teacher tokens t1..tm,
 its probability is the chain rule over the span, p(t1) p(t2|t1) ... p(tm|...), as in TRL's GOLD
 trainer; unlike GOLD, which scales the whole first-position distribution by the product
@@ -43,14 +43,14 @@ import numpy as np
 import structlog
 
 from jobs.errors import DataError, VocabularyMismatch
-from kd_worker.data import FIELDS, Sequence_, SoftTargets, render_prompt
-from kd_worker.tokmap import TokenPair, pair_for
+from kd_worker.engine.data import FIELDS, Sequence_, SoftTargets, render_prompt
+from kd_worker.engine.tokmap import TokenPair, pair_for
 
 if TYPE_CHECKING:
     from jobs.config import KDConfig
-    from kd_worker.distill import Scored
-    from kd_worker.models import LoadedModel
-    from kd_worker.vocab import VocabPlan
+    from kd_worker.engine.types import Scored
+    from kd_worker.engine.models import LoadedModel
+    from kd_worker.engine.vocab import VocabPlan
 
 log = structlog.get_logger(__name__)
 

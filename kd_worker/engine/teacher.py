@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from kd_worker.data import SoftTargets
-from kd_worker.models import LoadedModel, head_logits, hidden_at
+from kd_worker.engine.data import SoftTargets
+from kd_worker.engine.models import LoadedModel, head_logits, hidden_at
 
 SCORE_CHUNK = 256  # positions per LM-head chunk while scoring: caps [chunk, V] memory
 TOP_P_PRESELECT = 1024  # top-p without top-k still only sorts this many candidates

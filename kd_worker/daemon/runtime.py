@@ -13,7 +13,7 @@ from typing import Any
 import mlx.core as mx
 import structlog
 
-from kd_worker.models import LoadedModel, load_model_dir
+from kd_worker.engine.models import LoadedModel, load_model_dir
 from kd_worker.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
@@ -104,5 +104,5 @@ def install_context(ctx: WorkerContext) -> None:
 
 def current_context() -> WorkerContext:
     if _CONTEXT is None:
-        raise RuntimeError("kd_worker.task runs only inside `kd-worker run` (no worker context installed)")
+        raise RuntimeError("kd_worker.daemon.task runs only inside `kd-worker run` (no worker context installed)")
     return _CONTEXT
