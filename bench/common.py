@@ -34,11 +34,19 @@ def machine() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     elif sys.platform == "darwin":
-        cpu = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True).stdout.strip()
+        cpu = subprocess.run(
+            ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True
+        ).stdout.strip()
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "platform": platform.platform(),
-        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "mlx": mx.__version__,
-        "device": str(mx.default_device()), "blas": BLAS.library, "openblas_coretype": BLAS.coretype,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "device": str(mx.default_device()),
+        "blas": BLAS.library,
+        "openblas_coretype": BLAS.coretype,
     }
 
 
@@ -54,7 +62,9 @@ def best_of(fn, repeats: int = 5, warmup: int = 1) -> float:
     return min(times)
 
 
-def report(name: str, title: str, columns: list[str], rows: list[list[Any]], extra: dict[str, Any] | None = None) -> Path:
+def report(
+    name: str, title: str, columns: list[str], rows: list[list[Any]], extra: dict[str, Any] | None = None
+) -> Path:
     """Print a table and save {machine, columns, rows, extra} to bench/results/{name}.json."""
     from rich.console import Console
     from rich.table import Table

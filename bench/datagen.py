@@ -21,9 +21,9 @@ def prompts() -> list[list[dict]]:
 
 def ours(lm, convs, max_tokens: int, cache_dir: Path, batch: int) -> tuple[float, int]:
     from jobs.config import resolve_config
+    from kd_worker.engine.cache import TargetCache
     from kd_worker.engine.data import Example, example_key
     from kd_worker.engine.distill import _teacher_prompts, teacher_responses, teacher_targets
-    from kd_worker.engine.cache import TargetCache
     from kd_worker.engine.vocab import VocabPlan
 
     cfg = resolve_config({"gen_max_tokens": max_tokens, "gen_temperature": 0.0, "gen_batch_size": batch})
@@ -46,10 +46,17 @@ def bare(lm, convs, max_tokens: int, batch: int) -> tuple[float, int]:
     ids = [lm.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in convs]
     out = []
     for s in range(0, len(ids), batch):
-        out += batch_generate(lm.model, lm.tokenizer, ids[s : s + batch], max_tokens=max_tokens,
-                              return_token_ids=True, completion_batch_size=batch, prefill_batch_size=batch).token_ids
+        out += batch_generate(
+            lm.model,
+            lm.tokenizer,
+            ids[s : s + batch],
+            max_tokens=max_tokens,
+            return_token_ids=True,
+            completion_batch_size=batch,
+            prefill_batch_size=batch,
+        ).token_ids
     for s in range(0, len(ids), batch):  # one teacher-forced pass over prompt + response
-        seqs = [p + r for p, r in zip(ids[s : s + batch], out[s : s + batch])]
+        seqs = [p + r for p, r in zip(ids[s : s + batch], out[s : s + batch], strict=True)]
         x = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
         for i, q in enumerate(seqs):
             x[i, : len(q)] = q
@@ -84,9 +91,13 @@ def main() -> None:
             b_s, b_tok = bare(lm, convs, args.max_tokens, args.batch)
             o_s, o_tok = ours(lm, convs, args.max_tokens, Path(tmp) / f"cache-{kind}", args.batch)
             rows.append([kind, lm.n_tokens, len(convs), o_tok, b_tok, o_s, b_s, (o_s / b_s - 1) * 100])
-    report("datagen", "teacher phase: ours (generate + score + top-k + cache) vs mlx-lm batch_generate + 1 forward",
-           ["teacher", "V", "prompts", "tokens ours", "tokens bare", "ours s", "bare s", "overhead %"], rows,
-           {"target": "overhead <= 10%", "max_tokens": args.max_tokens, "batch": args.batch, "decoding": "greedy"})
+    report(
+        "datagen",
+        "teacher phase: ours (generate + score + top-k + cache) vs mlx-lm batch_generate + 1 forward",
+        ["teacher", "V", "prompts", "tokens ours", "tokens bare", "ours s", "bare s", "overhead %"],
+        rows,
+        {"target": "overhead <= 10%", "max_tokens": args.max_tokens, "batch": args.batch, "decoding": "greedy"},
+    )
 
 
 if __name__ == "__main__":

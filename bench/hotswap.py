@@ -31,8 +31,9 @@ def build(shape: str, root: Path) -> Path:
     if shape == "tiny":
         return tm.build_demo_models(root, ("student",))["student"]
     hidden, layers, inter = SHAPES[shape]
-    spec = replace(tm.SPECS["student"], name=f"student-{shape}", hidden_size=hidden, num_layers=layers,
-                   intermediate_size=inter)
+    spec = replace(
+        tm.SPECS["student"], name=f"student-{shape}", hidden_size=hidden, num_layers=layers, intermediate_size=inter
+    )
     return tm.build_model(spec, root / spec.name)
 
 
@@ -85,8 +86,16 @@ def measure(shape: str, tmp: Path, repeats: int) -> list:
     wrap = best_of(rewrap, repeats)
     check = best_of(lambda: publisher.verify(a), repeats)
     size = (a / "adapters.safetensors").stat().st_size
-    return [shape, f"{n_params / 1e6:.1f}M", f"{size / 1e6:.2f} MB", full * 1000, hot * 1000, wrap * 1000,
-            check * 1000, hot / full]
+    return [
+        shape,
+        f"{n_params / 1e6:.1f}M",
+        f"{size / 1e6:.2f} MB",
+        full * 1000,
+        hot * 1000,
+        wrap * 1000,
+        check * 1000,
+        hot / full,
+    ]
 
 
 def main() -> None:
@@ -96,9 +105,13 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(s, Path(tmp), args.repeats) for s in args.shapes.split(",")]
-    report("hotswap", f"in-place adapter swap vs full mlx_lm.load (best of {args.repeats})",
-           ["model", "params", "adapter", "full load ms", "hot swap ms", "re-wrap ms", "verify ms", "swap/load"],
-           rows, {"repeats": args.repeats, "notes": "files in page cache; all layers adapted; rank 8 (re-wrap: 8<->4)"})
+    report(
+        "hotswap",
+        f"in-place adapter swap vs full mlx_lm.load (best of {args.repeats})",
+        ["model", "params", "adapter", "full load ms", "hot swap ms", "re-wrap ms", "verify ms", "swap/load"],
+        rows,
+        {"repeats": args.repeats, "notes": "files in page cache; all layers adapted; rank 8 (re-wrap: 8<->4)"},
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ learning rate and LoRA shape; only the loss settings differ. Results are cached 
 
 from __future__ import annotations
 
-from bench.common import report  # first: loads OpenBLAS before mlx
-
 import argparse
 import hashlib
 import json
@@ -46,15 +44,26 @@ import numpy as np
 from bench import quality_eval as qe
 from bench import quality_models as qm
 from bench import quality_task as task
+from bench.common import report  # first: loads OpenBLAS before mlx
 from kd_worker.fixtures.demo import child_env, venv_bin
 
 EVAL_VERSION = 1
 N_TRAIN, N_EVAL = 360, 300  # distinct prompts, 60 / 50 per question type
 REF_SEED = 1234  # the teacher's sampled held-out responses (the KL reference)
 COMMON = {  # identical for every trained row; loss settings come from the row
-    "iterations": 300, "batch_size": 16, "learning_rate": 1e-4, "lora_rank": 8, "lora_scale": 20.0,
-    "max_seq_length": 64, "val_fraction": 0.1, "val_every": 300, "save_every": 300,
-    "gen_temperature": 1.0, "gen_top_k": 0, "gen_max_tokens": 8, "gen_batch_size": 64,
+    "iterations": 300,
+    "batch_size": 16,
+    "learning_rate": 1e-4,
+    "lora_rank": 8,
+    "lora_scale": 20.0,
+    "max_seq_length": 64,
+    "val_fraction": 0.1,
+    "val_every": 300,
+    "save_every": 300,
+    "gen_temperature": 1.0,
+    "gen_top_k": 0,
+    "gen_max_tokens": 8,
+    "gen_batch_size": 64,
 }
 
 
@@ -83,7 +92,9 @@ def rows_table() -> list[Row]:
     for t in (1.0, 2.0, 4.0):
         for a in (0.5, 0.7, 0.9):
             if (t, a) != (2.0, 0.7):  # that cell is row 3
-                rows.append(Row(f"T{t:g}_a{a:g}", f"4 KD T={t:g} alpha={a:g}", "sweep", {**kd, "temperature": t, "alpha": a}))
+                rows.append(
+                    Row(f"T{t:g}_a{a:g}", f"4 KD T={t:g} alpha={a:g}", "sweep", {**kd, "temperature": t, "alpha": a})
+                )
     llama = "quality-student-llama"
     rows += [
         Row("xtok_untrained", "7 other-tokenizer student, untrained", "xtok", student=llama, trained=False),
@@ -121,23 +132,49 @@ def distill(row: Row, seed: int, models: dict[str, Path], prompts: Path, work: P
     out = work / "adapters" / row.id / f"seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
     sets = {**COMMON, **row.overrides, "seed": seed}
-    cmd = [venv_bin("kd-worker"), "distill", "--domain", "quality", "--prompts", str(prompts),
-           "--teacher", str(models["quality-teacher"]), "--student", str(models[row.student]), "--out", str(out),
-           "--json", "--force"]
+    cmd = [
+        venv_bin("kd-worker"),
+        "distill",
+        "--domain",
+        "quality",
+        "--prompts",
+        str(prompts),
+        "--teacher",
+        str(models["quality-teacher"]),
+        "--student",
+        str(models[row.student]),
+        "--out",
+        str(out),
+        "--json",
+        "--force",
+    ]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
     env = child_env(KD_WORK_DIR=str(work / "engine"), KD_LOG_LEVEL="warning")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"kd-worker distill failed ({proc.returncode}) for {row.id} seed {seed}:\n{proc.stderr[-3000:]}")
+        raise SystemExit(
+            f"kd-worker distill failed ({proc.returncode}) for {row.id} seed {seed}:\n{proc.stderr[-3000:]}"
+        )
     return json.loads(proc.stdout)
 
 
-def run_one(row: Row, seed: int, models: dict[str, Path], prompts: Path, work: Path, ref: qe.Reference,
-            fresh: bool) -> dict[str, Any]:
-    key = _sha({"v": EVAL_VERSION, "row": row.overrides if row.trained else "untrained", "common": COMMON,
-                "seed": seed if row.trained else 0, "teacher": qm.recipe_digest("quality-teacher"),
-                "student": qm.recipe_digest(row.student), "data": prompts.read_text(), "n_eval": N_EVAL, "ref": REF_SEED})
+def run_one(
+    row: Row, seed: int, models: dict[str, Path], prompts: Path, work: Path, ref: qe.Reference, fresh: bool
+) -> dict[str, Any]:
+    key = _sha(
+        {
+            "v": EVAL_VERSION,
+            "row": row.overrides if row.trained else "untrained",
+            "common": COMMON,
+            "seed": seed if row.trained else 0,
+            "teacher": qm.recipe_digest("quality-teacher"),
+            "student": qm.recipe_digest(row.student),
+            "data": prompts.read_text(),
+            "n_eval": N_EVAL,
+            "ref": REF_SEED,
+        }
+    )
     cached = work / "runs" / f"{key}.json"
     if cached.is_file() and not fresh:
         return json.loads(cached.read_text())
@@ -146,8 +183,14 @@ def run_one(row: Row, seed: int, models: dict[str, Path], prompts: Path, work: P
     t1 = time.perf_counter()
     lm = qe.load(models[row.student], Path(outcome["adapter_path"]) if outcome else None)
     metrics = qe.score(lm, ref, same_vocab=row.student == "quality-student")
-    result = {"row": row.id, "seed": seed, "metrics": metrics, "distill_s": t1 - t0, "eval_s": time.perf_counter() - t1,
-              "engine": {k: outcome[k] for k in ("before", "after", "seconds")} if outcome else None}
+    result = {
+        "row": row.id,
+        "seed": seed,
+        "metrics": metrics,
+        "distill_s": t1 - t0,
+        "eval_s": time.perf_counter() - t1,
+        "engine": {k: outcome[k] for k in ("before", "after", "seconds")} if outcome else None,
+    }
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -176,14 +219,20 @@ def plot(summary: dict[str, dict], labels: dict[str, str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ids = list(summary)
-    panels = (("accuracy", "exact-match accuracy (greedy)"), ("kl", "KL(teacher||student), T=1, per token"),
-              ("answer_kl", "answer-token KL (digits + other)"), ("ece", "ECE, single-answer questions"))
+    panels = (
+        ("accuracy", "exact-match accuracy (greedy)"),
+        ("kl", "KL(teacher||student), T=1, per token"),
+        ("answer_kl", "answer-token KL (digits + other)"),
+        ("ece", "ECE, single-answer questions"),
+    )
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.35 * len(ids) + 2), sharey=True)
     y = np.arange(len(ids))
-    for ax, (m, title) in zip(axes, panels):
+    for ax, (m, title) in zip(axes, panels, strict=True):
         mean = [summary[i].get(m, (np.nan, 0))[0] for i in ids]
         std = [summary[i].get(m, (np.nan, 0))[1] for i in ids]
-        ax.barh(y, mean, xerr=std, color=["#888" if "untrained" in i else "#c44" if "simple" in i else "#48c" for i in ids])
+        ax.barh(
+            y, mean, xerr=std, color=["#888" if "untrained" in i else "#c44" if "simple" in i else "#48c" for i in ids]
+        )
         ax.set_title(title, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, [labels[i] for i in ids], fontsize=8)
@@ -198,7 +247,9 @@ def plot(summary: dict[str, dict], labels: dict[str, str], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", default="main", help="main (default), all, or groups/row ids: div, topk, sweep, xtok, kd, ...")
+    p.add_argument(
+        "--rows", default="main", help="main (default), all, or groups/row ids: div, topk, sweep, xtok, kd, ..."
+    )
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--work", default=".kd/quality", help="models, data, engine cache, adapters, per-run results")
     p.add_argument("--fresh", action="store_true", help="rerun every row even when its result is cached")
@@ -221,20 +272,49 @@ def main(argv: list[str] | None = None) -> None:
         res = run_one(row, seed, models, prompts, work, ref, args.fresh)
         results.setdefault(row.id, []).append(res)
         m = res["metrics"]
-        say(f"[{n}/{len(todo)}] {row.id:14s} seed {seed}: acc {m['accuracy']:.3f} kl {m.get('kl', float('nan')):.4f} "
-            f"answer_kl {m['answer_kl']:.4f} ece {m['ece']:.3f} (distill {res['distill_s']:.0f} s, eval {res['eval_s']:.0f} s)")
+        say(
+            f"[{n}/{len(todo)}] {row.id:14s} seed {seed}: acc {m['accuracy']:.3f} kl {m.get('kl', float('nan')):.4f} "
+            f"answer_kl {m['answer_kl']:.4f} ece {m['ece']:.3f} "
+            f"(distill {res['distill_s']:.0f} s, eval {res['eval_s']:.0f} s)"
+        )
     summary = {rid: summarise(rs) for rid, rs in results.items()}
     labels = {r.id: r.label for r in rows}
-    table = [[labels[rid], len(results[rid]), *(fmt(summary[rid].get(m)) for m in METRICS),
-              f"{np.mean([r['distill_s'] + r['eval_s'] for r in results[rid]]):.0f}"] for rid in summary]
-    teacher_row = ["teacher (reference)", 1, *(f"{ref.metrics[m]:.3f}" if m in ref.metrics else "-" for m in METRICS), "-"]
+    table = [
+        [
+            labels[rid],
+            len(results[rid]),
+            *(fmt(summary[rid].get(m)) for m in METRICS),
+            f"{np.mean([r['distill_s'] + r['eval_s'] for r in results[rid]]):.0f}",
+        ]
+        for rid in summary
+    ]
+    teacher_row = [
+        "teacher (reference)",
+        1,
+        *(f"{ref.metrics[m]:.3f}" if m in ref.metrics else "-" for m in METRICS),
+        "-",
+    ]
     target = verdict(summary)
-    report("quality", "KD quality on held-out prompts (mean ± std over seeds)",
-           ["row", "seeds", *METRICS, "s/run"], [teacher_row, *table],
-           {"target": target, "settings": COMMON, "row_specs": {r.id: {"label": r.label, "student": r.student,
-            "overrides": r.overrides} for r in rows}, "teacher": ref.metrics, "summary": summary, "runs": results,
-            "seeds": seeds, "n_train_prompts": N_TRAIN, "n_heldout": N_EVAL, "models_s": models_s,
-            "total_s": time.perf_counter() - t_start, "command": "python -m bench.quality " + " ".join(argv or sys.argv[1:])})
+    report(
+        "quality",
+        "KD quality on held-out prompts (mean ± std over seeds)",
+        ["row", "seeds", *METRICS, "s/run"],
+        [teacher_row, *table],
+        {
+            "target": target,
+            "settings": COMMON,
+            "row_specs": {r.id: {"label": r.label, "student": r.student, "overrides": r.overrides} for r in rows},
+            "teacher": ref.metrics,
+            "summary": summary,
+            "runs": results,
+            "seeds": seeds,
+            "n_train_prompts": N_TRAIN,
+            "n_heldout": N_EVAL,
+            "models_s": models_s,
+            "total_s": time.perf_counter() - t_start,
+            "command": "python -m bench.quality " + " ".join(argv or sys.argv[1:]),
+        },
+    )
     plot(summary, labels, qe_path := Path(__file__).resolve().parent / "results" / "quality.png")
     say(f"chart {qe_path}\ntarget: {target['text']}\ntotal {time.perf_counter() - t_start:.0f} s")
 
@@ -246,9 +326,14 @@ def verdict(summary: dict[str, dict]) -> dict[str, Any]:
     kd, simple = summary["kd"], summary["simple"]
     reduction = 1 - kd["kl"][0] / simple["kl"][0]
     met = reduction >= 0.30 and kd["accuracy"][0] >= simple["accuracy"][0]
-    return {"met": met, "kl_reduction": reduction, "accuracy_kd": kd["accuracy"][0], "accuracy_simple": simple["accuracy"][0],
-            "text": f"KL {reduction:+.1%} lower with true KD ({kd['kl'][0]:.4f} vs {simple['kl'][0]:.4f}), accuracy "
-                    f"{kd['accuracy'][0]:.3f} vs {simple['accuracy'][0]:.3f}: {'met' if met else 'NOT met'}"}
+    return {
+        "met": met,
+        "kl_reduction": reduction,
+        "accuracy_kd": kd["accuracy"][0],
+        "accuracy_simple": simple["accuracy"][0],
+        "text": f"KL {reduction:+.1%} lower with true KD ({kd['kl'][0]:.4f} vs {simple['kl'][0]:.4f}), accuracy "
+        f"{kd['accuracy'][0]:.3f} vs {simple['accuracy'][0]:.3f}: {'met' if met else 'NOT met'}",
+    }
 
 
 if __name__ == "__main__":

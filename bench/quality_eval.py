@@ -1,18 +1,18 @@
 """Held-out metrics of a student against the teacher, computed here (not by the engine):
 
-  accuracy     exact match of the greedy answer against the correct set (`quality_task.check`)
-  kl           KL(teacher || student) at T=1 over the *full* vocabulary, per response token, on
-               responses the teacher sampled (T=1) for the held-out prompts, EOS included
-               (the engine's own `kl` is over the top-k + tail buckets: a lower bound)
-  top1         share of those positions where the student's argmax is the teacher's
-  answer_kl    KL at the answer position over the ten digits + one "anything else" bucket:
-               tokenizer-agnostic (every digit is one token in both tokenizers), so it also
-               scores the cross-tokenizer student
-  valid_mass   the student's probability on correct answers at the answer position
-  ece          expected calibration error (10 equal-width bins) of the answer token on the
-               single-answer questions (max/min): confidence = the student's top probability,
-               correct = its argmax is the answer. Set questions are left out: a student that
-               spreads 1/3 over three correct answers is right, not under-confident.
+accuracy     exact match of the greedy answer against the correct set (`quality_task.check`)
+kl           KL(teacher || student) at T=1 over the *full* vocabulary, per response token, on
+             responses the teacher sampled (T=1) for the held-out prompts, EOS included
+             (the engine's own `kl` is over the top-k + tail buckets: a lower bound)
+top1         share of those positions where the student's argmax is the teacher's
+answer_kl    KL at the answer position over the ten digits + one "anything else" bucket:
+             tokenizer-agnostic (every digit is one token in both tokenizers), so it also
+             scores the cross-tokenizer student
+valid_mass   the student's probability on correct answers at the answer position
+ece          expected calibration error (10 equal-width bins) of the answer token on the
+             single-answer questions (max/min): confidence = the student's top probability,
+             correct = its argmax is the answer. Set questions are left out: a student that
+             spreads 1/3 over three correct answers is right, not under-confident.
 """
 
 from __future__ import annotations
@@ -74,14 +74,14 @@ def forced_logp(lm, prompts: Sequence[list[int]], responses: Sequence[list[int]]
     out = []
     for s in range(0, len(prompts), batch):
         ps, rs = prompts[s : s + batch], responses[s : s + batch]
-        width = max(len(p) + len(r) for p, r in zip(ps, rs)) - 1
+        width = max(len(p) + len(r) for p, r in zip(ps, rs, strict=True)) - 1
         x = np.zeros((len(ps), width), np.int32)
-        for b, (p, r) in enumerate(zip(ps, rs)):
+        for b, (p, r) in enumerate(zip(ps, rs, strict=True)):
             full = list(p) + list(r)
             x[b, : len(full) - 1] = full[:-1]
         logits = lm.model(mx.array(x))[..., : lm.n_tokens].astype(mx.float32)
         logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-        for b, (p, r) in enumerate(zip(ps, rs)):
+        for b, (p, r) in enumerate(zip(ps, rs, strict=True)):
             out.append(logp[b, len(p) - 1 : len(p) - 1 + len(r)])
     return out
 
@@ -119,14 +119,14 @@ def score(lm, ref: Reference, same_vocab: bool) -> dict[str, float]:
     """Every metric of `lm` on the held-out set (token-level KL/top-1 only with the teacher's vocabulary)."""
     items = ref.items
     answers = greedy(lm, items)
-    ok = np.array([task.check(it, a) for it, a in zip(items, answers)])
+    ok = np.array([task.check(it, a) for it, a in zip(items, answers, strict=True)])
     single = np.array([it.single for it in items])
     out: dict[str, float] = {"accuracy": ok.mean(), "acc_single": ok[single].mean(), "acc_set": ok[~single].mean()}
     prompts = prompts_of(lm, items)
     if same_vocab:
         logq = forced_logp(lm, prompts, ref.response_ids)
-        kl = np.concatenate([_kl(np.exp(lp), lq, lp) for lp, lq in zip(ref.logp, logq)])
-        top1 = np.concatenate([lp.argmax(-1) == lq.argmax(-1) for lp, lq in zip(ref.logp, logq)])
+        kl = np.concatenate([_kl(np.exp(lp), lq, lp) for lp, lq in zip(ref.logp, logq, strict=True)])
+        top1 = np.concatenate([lp.argmax(-1) == lq.argmax(-1) for lp, lq in zip(ref.logp, logq, strict=True)])
         first = np.stack([lq[0] for lq in logq])
         out.update(kl=kl.mean(), top1=top1.mean())
     else:  # the student's own rendering of the prompt; only the answer position is compared
@@ -138,6 +138,8 @@ def score(lm, ref: Reference, same_vocab: bool) -> dict[str, float]:
     out["valid_mass"] = float((q * valid).sum(-1).mean())
     conf = np.exp(first.max(-1))
     pick = first.argmax(-1)
-    correct = np.array([int(t) in set(lm.digit_ids[[int(a) for a in it.answers]]) for t, it in zip(pick, items)])
+    correct = np.array(
+        [int(t) in set(lm.digit_ids[[int(a) for a in it.answers]]) for t, it in zip(pick, items, strict=True)]
+    )
     out["ece"] = ece(conf[single], correct[single].astype(float))
     return {k: float(v) for k, v in out.items()}

@@ -39,17 +39,39 @@ from functools import partial
 from pathlib import Path
 
 from bench import quality_task as task
-from kd_worker.fixtures.tinymodels import LLAMA_TOKENIZER, QWEN_TOKENIZER, ModelSpec, build_model, spec_digest, up_to_date
+from kd_worker.fixtures.tinymodels import (
+    LLAMA_TOKENIZER,
+    QWEN_TOKENIZER,
+    ModelSpec,
+    build_model,
+    spec_digest,
+    up_to_date,
+)
 
 RECIPE_VERSION = 1
 
 SPECS = {
     s.name: s
     for s in (
-        ModelSpec("quality-teacher", "qwen2", QWEN_TOKENIZER, 192, 3, 4, 2, 512, extra_rows=88, tie_embeddings=True, seed=11),
-        ModelSpec("quality-student", "qwen2", QWEN_TOKENIZER, 128, 2, 4, 2, 256, extra_rows=24, tie_embeddings=True, seed=12),
-        ModelSpec("quality-student-llama", "llama", LLAMA_TOKENIZER, 128, 2, 4, 2, 256, extra_rows=32,
-                  tie_embeddings=True, seed=13),
+        ModelSpec(
+            "quality-teacher", "qwen2", QWEN_TOKENIZER, 192, 3, 4, 2, 512, extra_rows=88, tie_embeddings=True, seed=11
+        ),
+        ModelSpec(
+            "quality-student", "qwen2", QWEN_TOKENIZER, 128, 2, 4, 2, 256, extra_rows=24, tie_embeddings=True, seed=12
+        ),
+        ModelSpec(
+            "quality-student-llama",
+            "llama",
+            LLAMA_TOKENIZER,
+            128,
+            2,
+            4,
+            2,
+            256,
+            extra_rows=32,
+            tie_embeddings=True,
+            seed=13,
+        ),
     )
 }
 
@@ -70,16 +92,25 @@ class Recipe:
 
 RECIPES = {
     "quality-teacher": Recipe(task.KD_OPS * 2 + task.FORMAT_OPS, steps=2000, batch_size=48, learning_rate=2e-3),
-    "quality-student": Recipe(task.FORMAT_OPS + task.KD_OPS, steps=1500, batch_size=48, learning_rate=2e-3,
-                              set_answers="first"),
-    "quality-student-llama": Recipe(task.FORMAT_OPS + task.KD_OPS, steps=1500, batch_size=48, learning_rate=2e-3,
-                                    set_answers="first"),
+    "quality-student": Recipe(
+        task.FORMAT_OPS + task.KD_OPS, steps=1500, batch_size=48, learning_rate=2e-3, set_answers="first"
+    ),
+    "quality-student-llama": Recipe(
+        task.FORMAT_OPS + task.KD_OPS, steps=1500, batch_size=48, learning_rate=2e-3, set_answers="first"
+    ),
 }
 
 
 def recipe_digest(name: str) -> str:
-    blob = json.dumps({"v": RECIPE_VERSION, "task": task.TASK_VERSION, "spec": spec_digest(SPECS[name]),
-                       "recipe": asdict(RECIPES[name])}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "v": RECIPE_VERSION,
+            "task": task.TASK_VERSION,
+            "spec": spec_digest(SPECS[name]),
+            "recipe": asdict(RECIPES[name]),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -90,7 +121,7 @@ def _encode_batch(tokenizer, items: list[task.Item], responses: list[str]) -> tu
     prompts = hf(texts, add_special_tokens=False)["input_ids"]
     answers = hf(responses, add_special_tokens=False)["input_ids"]
     eos = hf.eos_token_id
-    return [list(p) + list(a) + [eos] for p, a in zip(prompts, answers)], [len(p) for p in prompts]
+    return [list(p) + list(a) + [eos] for p, a in zip(prompts, answers, strict=True)], [len(p) for p in prompts]
 
 
 def sft(model, tokenizer, recipe: Recipe, say: Callable[[str], None]) -> dict[str, float]:
@@ -103,9 +134,12 @@ def sft(model, tokenizer, recipe: Recipe, say: Callable[[str], None]) -> dict[st
     rng = random.Random(f"sft:{recipe.seed}")
     mx.random.seed(recipe.seed)
     sched = optim.join_schedules(
-        [optim.linear_schedule(1e-7, recipe.learning_rate, recipe.warmup),
-         optim.cosine_decay(recipe.learning_rate, recipe.steps - recipe.warmup, recipe.learning_rate / 20)],
-        [recipe.warmup])
+        [
+            optim.linear_schedule(1e-7, recipe.learning_rate, recipe.warmup),
+            optim.cosine_decay(recipe.learning_rate, recipe.steps - recipe.warmup, recipe.learning_rate / 20),
+        ],
+        [recipe.warmup],
+    )
     opt = optim.AdamW(learning_rate=sched, weight_decay=recipe.weight_decay)
     model.train()
 
@@ -132,7 +166,7 @@ def sft(model, tokenizer, recipe: Recipe, say: Callable[[str], None]) -> dict[st
         x = np.zeros((len(seqs), width), np.int32)
         y = np.zeros_like(x)
         mask = np.zeros(x.shape, np.float32)
-        for b, (ids, p) in enumerate(zip(seqs, starts)):
+        for b, (ids, p) in enumerate(zip(seqs, starts, strict=True)):
             x[b, : len(ids) - 1], y[b, : len(ids) - 1] = ids[:-1], ids[1:]
             mask[b, p - 1 : len(ids) - 1] = 1.0
         loss = step(mx.array(x), mx.array(y), mx.array(mask))
@@ -141,8 +175,10 @@ def sft(model, tokenizer, recipe: Recipe, say: Callable[[str], None]) -> dict[st
         if not math.isfinite(losses[-1]):
             raise RuntimeError(f"SFT diverged at step {s + 1}: loss {losses[-1]}")
         if (s + 1) % 100 == 0 or s + 1 == recipe.steps:
-            say(f"    sft step {s + 1}/{recipe.steps} loss {np.mean(losses[-100:]):.4f} "
-                f"({time.perf_counter() - t0:.0f} s)")
+            say(
+                f"    sft step {s + 1}/{recipe.steps} loss {np.mean(losses[-100:]):.4f} "
+                f"({time.perf_counter() - t0:.0f} s)"
+            )
     model.eval()
     return {"final_loss": float(np.mean(losses[-100:])), "seconds": time.perf_counter() - t0}
 
@@ -162,8 +198,9 @@ def build(name: str, root: Path, say: Callable[[str], None] = print) -> Path:
     model.set_dtype(mx.float32)
     stats = sft(model, tokenizer, RECIPES[name], say)
     save_model(stage, model)
-    (stage / "kd_fixture.json").write_text(json.dumps(
-        {"name": name, "digest": digest, "recipe": asdict(RECIPES[name]), "sft": stats}, indent=2) + "\n")
+    (stage / "kd_fixture.json").write_text(
+        json.dumps({"name": name, "digest": digest, "recipe": asdict(RECIPES[name]), "sft": stats}, indent=2) + "\n"
+    )
     shutil.rmtree(out, ignore_errors=True)
     stage.rename(out)
     return out

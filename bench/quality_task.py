@@ -99,7 +99,11 @@ def sample_answer(item: Item, rng: random.Random) -> str:
 
 def first_answer(item: Item) -> str:
     """The first correct item in list order: a deterministic house convention for set questions."""
-    return next(str(d) for d in item.digits if str(d) in item.answers) if len(item.answers) > 1 else next(iter(item.answers))
+    return (
+        next(str(d) for d in item.digits if str(d) in item.answers)
+        if len(item.answers) > 1
+        else next(iter(item.answers))
+    )
 
 
 def check(item: Item, response: str) -> bool:

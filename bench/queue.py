@@ -40,9 +40,11 @@ def enqueue_throughput(url: str, spool: Path, n: int) -> list[list]:
     for i in range(n):
         Q.submit(conn, s, Q.build_job("memory", [ds], {"seed": i}), [ds])  # all duplicates now
     dedup = time.perf_counter() - t
-    return [["kd_client.queue.submit (validate, blob, ticket, enqueue)", n, raw, n / raw],
-            ["KDClient.submit (+ fsynced outbox, then deliver)", n, durable, n / durable],
-            ["duplicate submissions (detected, not enqueued)", n, dedup, n / dedup]]
+    return [
+        ["kd_client.queue.submit (validate, blob, ticket, enqueue)", n, raw, n / raw],
+        ["KDClient.submit (+ fsynced outbox, then deliver)", n, durable, n / durable],
+        ["duplicate submissions (detected, not enqueued)", n, dedup, n / dedup],
+    ]
 
 
 def job_latencies(url: str, workdir: Path, jobs: int) -> tuple[list[float], list[float], list[float]]:
@@ -54,15 +56,23 @@ def job_latencies(url: str, workdir: Path, jobs: int) -> tuple[list[float], list
     from kd_worker.fixtures.tinymodels import build_demo_models
 
     models = build_demo_models(workdir / "models", ("teacher", "student"))
-    env = child_env(KD_REDIS_URL=url, KD_TEACHER=str(models["teacher"]), KD_STUDENT=str(models["student"]),
-                    KD_WORK_DIR=str(workdir / "work"), KD_ADAPTERS_DIR=str(workdir / "adapters"),
-                    KD_WORKER_NAME="bench", KD_KD_DEFAULTS=json.dumps({"iterations": 5, "gen_max_tokens": 16}))
+    env = child_env(
+        KD_REDIS_URL=url,
+        KD_TEACHER=str(models["teacher"]),
+        KD_STUDENT=str(models["student"]),
+        KD_WORK_DIR=str(workdir / "work"),
+        KD_ADAPTERS_DIR=str(workdir / "adapters"),
+        KD_WORKER_NAME="bench",
+        KD_KD_DEFAULTS=json.dumps({"iterations": 5, "gen_max_tokens": 16}),
+    )
     s = ClientSettings(redis_url=url, spool_dir=workdir / "spool")
     conn = Q.connect(s)
     latency, overhead, wall = [], [], []
     with managed_worker(env, workdir / "worker.log"):
         for i in range(jobs):
-            ds = Q.prepare_dataset("prompts", f'{{"prompt": "Remember item {i}?"}}\n'.encode(), "p.jsonl", s.max_data_bytes)
+            ds = Q.prepare_dataset(
+                "prompts", f'{{"prompt": "Remember item {i}?"}}\n'.encode(), "p.jsonl", s.max_data_bytes
+            )
             t0 = time.time()
             sub = Q.submit(conn, s, Q.build_job("memory", [ds], {"seed": i}), [ds])
             result = wait_job(conn, sub.job_id, JOB_TIMEOUT).latest_result()
@@ -88,10 +98,14 @@ def main() -> None:
             lat, over, wall = job_latencies(url, tmp, args.jobs)
     ms = lambda xs: [statistics.median(xs) * 1e3, max(xs) * 1e3]  # noqa: E731
     rows = [[name, n, secs, rate, "", ""] for name, n, secs, rate in throughput]
-    rows += [["submit -> job started (idle worker)", len(lat), "", "", *ms(lat)],
-             ["worker overhead per job (rq + fetch + bookkeeping)", len(over), "", "", *ms(over)],
-             ["job wall time in the worker (5 tiny steps)", len(wall), "", "", *ms(wall)]]
-    report("queue", "queue: throughput and latency", ["what", "n", "seconds", "per second", "median ms", "max ms"], rows)
+    rows += [
+        ["submit -> job started (idle worker)", len(lat), "", "", *ms(lat)],
+        ["worker overhead per job (rq + fetch + bookkeeping)", len(over), "", "", *ms(over)],
+        ["job wall time in the worker (5 tiny steps)", len(wall), "", "", *ms(wall)],
+    ]
+    report(
+        "queue", "queue: throughput and latency", ["what", "n", "seconds", "per second", "median ms", "max ms"], rows
+    )
 
 
 if __name__ == "__main__":

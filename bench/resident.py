@@ -47,9 +47,28 @@ def cold_runs(env: dict, teacher: Path, student: Path, out: Path, jobs: int) -> 
     for i in range(jobs + 1):
         sets = [a for k, v in {**KD, "learning_rate": lr(i)}.items() for a in ("--set", f"{k}={v}")]
         t = time.perf_counter()
-        subprocess.run([venv_bin("kd-worker"), "distill", "--domain", "memory", "--prompts",
-                        str(DATA), "--teacher", str(teacher), "--student", str(student), "--out", str(out), "--json", "--force",
-                        *sets], env=env, check=True, capture_output=True)
+        subprocess.run(
+            [
+                venv_bin("kd-worker"),
+                "distill",
+                "--domain",
+                "memory",
+                "--prompts",
+                str(DATA),
+                "--teacher",
+                str(teacher),
+                "--student",
+                str(student),
+                "--out",
+                str(out),
+                "--json",
+                "--force",
+                *sets,
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         times.append(time.perf_counter() - t)
     return times[1:]  # the first run fills the target cache
 
@@ -67,7 +86,9 @@ def resident_runs(env: dict, work: Path, jobs: int) -> tuple[list[float], float]
     with managed_worker(env, work / "worker.log"):
         startup = time.perf_counter() - t_start
         for i in range(jobs + 1):
-            sub = Q.submit(conn, s, Q.build_job("memory", [ds], {**KD, "learning_rate": lr(100 + i)}, force_publish=True), [ds])
+            sub = Q.submit(
+                conn, s, Q.build_job("memory", [ds], {**KD, "learning_rate": lr(100 + i)}, force_publish=True), [ds]
+            )
             r = wait_job(conn, sub.job_id, JOB_TIMEOUT).latest_result()
             times.append((r.execution_ended_at - r.execution_started_at).total_seconds())
     return times[1:], startup
@@ -85,18 +106,29 @@ def main() -> None:
         tmp = Path(tmp)
         teacher, student = build(args.shape, tmp / "models")
         with managed_redis(WorkerSettings(), tmp, explicit_url=False) as url:
-            env = child_env(KD_REDIS_URL=url, KD_TEACHER=str(teacher), KD_STUDENT=str(student),
-                            KD_WORK_DIR=str(tmp / "work"), KD_ADAPTERS_DIR=str(tmp / "adapters"),
-                            KD_WORKER_NAME="bench-resident")
+            env = child_env(
+                KD_REDIS_URL=url,
+                KD_TEACHER=str(teacher),
+                KD_STUDENT=str(student),
+                KD_WORK_DIR=str(tmp / "work"),
+                KD_ADAPTERS_DIR=str(tmp / "adapters"),
+                KD_WORKER_NAME="bench-resident",
+            )
             cold = cold_runs(env, teacher, student, tmp / "cold-adapters", args.jobs)
             warm, startup = resident_runs(env, tmp, args.jobs)
     med_c, med_w = statistics.median(cold), statistics.median(warm)
-    rows = [["cold: fresh `kd-worker distill` per job", len(cold), med_c, min(cold), max(cold)],
-            ["resident: job 2..N in `kd-worker run`", len(warm), med_w, min(warm), max(warm)],
-            ["worker start-up (once): imports + teacher + student", 1, startup, startup, startup]]
-    report(f"resident_{args.shape}", f"resident teacher ({args.shape} models, {KD['iterations']} steps/job)",
-           ["what", "jobs", "median s", "min s", "max s"], rows,
-           {"speedup": med_c / med_w, "shape": args.shape, "kd": KD})
+    rows = [
+        ["cold: fresh `kd-worker distill` per job", len(cold), med_c, min(cold), max(cold)],
+        ["resident: job 2..N in `kd-worker run`", len(warm), med_w, min(warm), max(warm)],
+        ["worker start-up (once): imports + teacher + student", 1, startup, startup, startup],
+    ]
+    report(
+        f"resident_{args.shape}",
+        f"resident teacher ({args.shape} models, {KD['iterations']} steps/job)",
+        ["what", "jobs", "median s", "min s", "max s"],
+        rows,
+        {"speedup": med_c / med_w, "shape": args.shape, "kd": KD},
+    )
     print(f"resident jobs are {med_c / med_w:.1f}x faster than cold starts")
 
 

@@ -23,8 +23,12 @@ FULL = [
     ["bench.resident", "--shape", "medium"],
     ["bench.hotswap"],
 ]
-QUICK = {"bench.step": ["--vocab", "2048", "32000"], "bench.datagen": ["--model", "fixture"],
-         "bench.scaling": ["--sizes", "12", "24", "48"], "bench.queue": ["--jobs", "4"]}
+QUICK = {
+    "bench.step": ["--vocab", "2048", "32000"],
+    "bench.datagen": ["--model", "fixture"],
+    "bench.scaling": ["--sizes", "12", "24", "48"],
+    "bench.queue": ["--jobs", "4"],
+}
 
 
 def main() -> int:

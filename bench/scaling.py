@@ -21,8 +21,8 @@ def prompts(n: int) -> list[dict]:
 
 
 def run(n: int, root: Path, models: dict[str, Path]) -> dict[str, float]:
-    from kd_worker.engine.distill import DistillRequest, run_distillation
     from kd_worker.daemon.runtime import Runtime
+    from kd_worker.engine.distill import DistillRequest, run_distillation
     from kd_worker.settings import WorkerSettings
 
     data = root / f"p{n}.jsonl"
@@ -50,11 +50,25 @@ def main() -> None:
         run(8, Path(tmp), models)  # warm-up: imports, compilation
         for n in args.sizes:
             r = run(n, Path(tmp), models)
-            rows.append([n, r["iters"], r["teacher"], r["train"], r["total"], r["teacher"] / n * 1e3,
-                         r["train"] / n * 1e3, r["total"] / n * 1e3])
-    report("scaling", "cost vs examples (tiny models, one epoch, 32 generated tokens each)",
-           ["examples", "steps", "teacher s", "train s", "job s", "teacher ms/ex", "train ms/ex", "job ms/ex"], rows,
-           {"expectation": "ms per example roughly flat (linear cost)"})
+            rows.append(
+                [
+                    n,
+                    r["iters"],
+                    r["teacher"],
+                    r["train"],
+                    r["total"],
+                    r["teacher"] / n * 1e3,
+                    r["train"] / n * 1e3,
+                    r["total"] / n * 1e3,
+                ]
+            )
+    report(
+        "scaling",
+        "cost vs examples (tiny models, one epoch, 32 generated tokens each)",
+        ["examples", "steps", "teacher s", "train s", "job s", "teacher ms/ex", "train ms/ex", "job ms/ex"],
+        rows,
+        {"expectation": "ms per example roughly flat (linear cost)"},
+    )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,13 @@ from pathlib import Path
 
 from bench.common import best_of, report
 
-BODY = {"hidden_size": 512, "num_hidden_layers": 4, "intermediate_size": 1408, "num_attention_heads": 8,
-        "num_key_value_heads": 2}
+BODY = {
+    "hidden_size": 512,
+    "num_hidden_layers": 4,
+    "intermediate_size": 1408,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+}
 
 
 def student(vocab: int, body: dict):
@@ -54,7 +59,11 @@ def batch(vocab: int, b: int, prompt: int, response: int, k: int = 64, temperatu
     labels = tokens[:, prompt:].reshape(-1)
     n = b * response
     logits = rng.normal(0, 3, (n, vocab)).astype(np.float32)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
     ids = np.argpartition(-logp, k - 1, axis=-1)[:, :k]
     top = np.take_along_axis(logp, ids, -1)
     order = np.argsort(-top, -1)
@@ -62,7 +71,9 @@ def batch(vocab: int, b: int, prompt: int, response: int, k: int = 64, temperatu
     tail = np.log1p(-np.exp(top).sum(-1).clip(max=1 - 1e-7))
     z = logp / temperature
     lse_t = (np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)).astype(np.float32)
-    t = SoftTargets(ids.astype(np.int32), top.astype(np.float32), tail.astype(np.float32), lse_t, np.ones(n, np.float32))
+    t = SoftTargets(
+        ids.astype(np.int32), top.astype(np.float32), tail.astype(np.float32), lse_t, np.ones(n, np.float32)
+    )
     lengths = np.tile(np.array([[prompt, length - 1]], np.int32), (b, 1))
     return Batch(inputs, pos, labels.astype(np.int32), t), tokens, lengths
 
@@ -100,8 +111,10 @@ def time_components(lm, cfg, b, tokens, lengths, repeats: int) -> dict[str, floa
     tb, tl = mx.array(tokens), mx.array(lengths)
     run_ours = lambda: mx.eval(state, ours(x, pos, t, uld))  # noqa: E731
     run_sft = lambda: mx.eval(st2, sft(tb, tl))  # noqa: E731
-    out = {name: best_of(fn, repeats, warmup=2) for name, fn in
-           (("body", body), ("body+head", head), ("ours", run_ours), ("mlx_lm_sft", run_sft))}
+    out = {
+        name: best_of(fn, repeats, warmup=2)
+        for name, fn in (("body", body), ("body+head", head), ("ours", run_ours), ("mlx_lm_sft", run_sft))
+    }
     mx.reset_peak_memory()
     run_ours()
     out["ours_peak_mb"] = mx.get_peak_memory() / 2**20
@@ -124,12 +137,37 @@ def main() -> None:
         lm, cfg = student(v, BODY)
         b, tokens, lengths = batch(v, args.batch, args.prompt, args.response)
         t = time_components(lm, cfg, b, tokens, lengths, args.repeats)
-        rows.append([v, t["body"] * 1e3, (t["body+head"] - t["body"]) * 1e3, (t["ours"] - t["body+head"]) * 1e3,
-                     t["ours"] * 1e3, t["mlx_lm_sft"] * 1e3, t["ours"] / t["mlx_lm_sft"], t["ours_peak_mb"], t["sft_peak_mb"]])
-        print(f"V={v}: ours {t['ours']*1e3:.0f} ms, mlx-lm SFT {t['mlx_lm_sft']*1e3:.0f} ms", flush=True)
-    report("step", f"training step, B={args.batch} prompt={args.prompt} response={args.response}, body {BODY}",
-           ["V", "body ms", "LM head ms", "loss ms", "ours ms", "mlx-lm SFT ms", "ours/SFT", "ours peak MB", "SFT peak MB"],
-           rows, {"target": "ours/SFT <= 1.2", "body": BODY, "k": 64, "temperature": 2.0})
+        rows.append(
+            [
+                v,
+                t["body"] * 1e3,
+                (t["body+head"] - t["body"]) * 1e3,
+                (t["ours"] - t["body+head"]) * 1e3,
+                t["ours"] * 1e3,
+                t["mlx_lm_sft"] * 1e3,
+                t["ours"] / t["mlx_lm_sft"],
+                t["ours_peak_mb"],
+                t["sft_peak_mb"],
+            ]
+        )
+        print(f"V={v}: ours {t['ours'] * 1e3:.0f} ms, mlx-lm SFT {t['mlx_lm_sft'] * 1e3:.0f} ms", flush=True)
+    report(
+        "step",
+        f"training step, B={args.batch} prompt={args.prompt} response={args.response}, body {BODY}",
+        [
+            "V",
+            "body ms",
+            "LM head ms",
+            "loss ms",
+            "ours ms",
+            "mlx-lm SFT ms",
+            "ours/SFT",
+            "ours peak MB",
+            "SFT peak MB",
+        ],
+        rows,
+        {"target": "ours/SFT <= 1.2", "body": BODY, "k": 64, "temperature": 2.0},
+    )
 
 
 if __name__ == "__main__":

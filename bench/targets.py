@@ -16,15 +16,17 @@ from bench.common import report, sample_prompts
 
 def storage_rows(root: Path) -> tuple[list[list], dict]:
     """Score the bundled prompts with a Qwen-vocabulary teacher and store targets at several k."""
-    from kd_worker.engine.models import load_model_dir
-    from kd_worker.fixtures.qwenvocab import build_qwen_model
     from kd_worker.engine.cache import TargetCache, cache_key
+    from kd_worker.engine.models import load_model_dir
     from kd_worker.engine.teacher import score
+    from kd_worker.fixtures.qwenvocab import build_qwen_model
 
     lm = load_model_dir(build_qwen_model(root / "qwen"))
     pairs = []
     for text in sample_prompts()[:24]:
-        prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "Answer briefly."}], add_generation_prompt=True)
+        prompt = lm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Answer briefly."}], add_generation_prompt=True
+        )
         pairs.append((prompt, lm.hf_tokenizer.encode(text, add_special_tokens=False) + [lm.hf_tokenizer.eos_token_id]))
     tokens = sum(len(r) for _, r in pairs)
     v = lm.n_tokens
@@ -32,7 +34,7 @@ def storage_rows(root: Path) -> tuple[list[list], dict]:
     for k in (16, 64, 256):
         cache = TargetCache(root / f"cache-{k}")
         targets = score(lm, pairs, v, k, 2.0)
-        for (p, r), t in zip(pairs, targets):
+        for (p, r), t in zip(pairs, targets, strict=True):
             cache.put_targets(cache_key(p=p, r=r, k=k), t)
         disk = sum(f.stat().st_size for f in (root / f"cache-{k}").rglob("*.safetensors"))
         mem = sum(t.nbytes for t in targets) / tokens
@@ -76,9 +78,11 @@ def loss_memory(positions: int, vocab: int = 151_936, k: int = 64) -> list[list]
         return train_loss(lm, x, pos, t, vocab, cfg)[0]
 
     rows = []
-    for name, fn, teacher_elems in (("dense teacher [N, V] (reference)", dense, positions * vocab),
-                                    ("sparse, autodiff + checkpointed chunks", autodiff, positions * k),
-                                    ("sparse, fused (training default)", fused, positions * k)):
+    for name, fn, teacher_elems in (
+        ("dense teacher [N, V] (reference)", dense, positions * vocab),
+        ("sparse, autodiff + checkpointed chunks", autodiff, positions * k),
+        ("sparse, fused (training default)", fused, positions * k),
+    ):
         vg = nn.value_and_grad(lm.model, fn)
         mx.eval(vg(lm.model))
         mx.reset_peak_memory()
@@ -93,13 +97,21 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows, extra = storage_rows(Path(tmp))
-    report("targets_storage", f"stored teacher targets per response token (V={extra['n_tokens']:,})",
-           ["storage", "V", "bytes/token (arrays)", "bytes/token (on disk)", "x smaller than fp32 rows"], rows,
-           {**extra, "target": "<= 1024 bytes/token at k=64"})
+    report(
+        "targets_storage",
+        f"stored teacher targets per response token (V={extra['n_tokens']:,})",
+        ["storage", "V", "bytes/token (arrays)", "bytes/token (on disk)", "x smaller than fp32 rows"],
+        rows,
+        {**extra, "target": "<= 1024 bytes/token at k=64"},
+    )
     mem = loss_memory(args.positions)
-    report("targets_memory", "loss step (loss + gradient) peak memory, student logits on response positions",
-           ["teacher targets", "positions N", "V", "teacher elements in the step", "peak MiB"], mem,
-           {"note": "the sparse paths never hold a [N, V] teacher tensor: teacher arrays are [N, k] and [N]"})
+    report(
+        "targets_memory",
+        "loss step (loss + gradient) peak memory, student logits on response positions",
+        ["teacher targets", "positions N", "V", "teacher elements in the step", "peak MiB"],
+        mem,
+        {"note": "the sparse paths never hold a [N, V] teacher tensor: teacher arrays are [N, k] and [N]"},
+    )
 
 
 if __name__ == "__main__":

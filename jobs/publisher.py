@@ -228,9 +228,7 @@ def _prune(d: Path, root: Path, keep: int) -> None:
             shutil.rmtree(v.path, ignore_errors=True)
 
 
-def publish(
-    root: Path, domain: str, write: Callable[[Path], None], summary: dict[str, Any], keep: int = 5
-) -> Version:
+def publish(root: Path, domain: str, write: Callable[[Path], None], summary: dict[str, Any], keep: int = 5) -> Version:
     """Stage -> fsync -> rename to an immutable version -> swap `current` -> links -> summary -> prune.
     Any failure before the swap leaves the previous version current and nothing a reader can see."""
     root = Path(root)
@@ -238,8 +236,9 @@ def publish(
     try:
         (d / "versions").mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise PublishError(f"publishing {domain} failed: cannot create {d / 'versions'}: {e}; "
-                           f"{d} must be a writable directory") from e
+        raise PublishError(
+            f"publishing {domain} failed: cannot create {d / 'versions'}: {e}; {d} must be a writable directory"
+        ) from e
     with locked(d / ".lock"):
         for stale in d.glob(".staging-*"):  # debris of a crashed publish (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
@@ -250,8 +249,15 @@ def publish(
             existing = versions(root, domain)
             number = (existing[-1].number if existing else 0) + 1
             version = Version(domain, number, d / "versions" / f"{number:04d}")
-            entry = {**summary, "version": number, "path": f"{domain}/versions/{version.name}", "published_at": now_iso()}
-            files = {str(p.relative_to(stage)): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in _files(stage)}
+            entry = {
+                **summary,
+                "version": number,
+                "path": f"{domain}/versions/{version.name}",
+                "published_at": now_iso(),
+            }
+            files = {
+                str(p.relative_to(stage)): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in _files(stage)
+            }
             write_json_atomic(stage / MANIFEST, {"domain": domain, "version": number, "files": files, "summary": entry})
             for p in _files(stage):
                 with open(p, "rb") as f:
@@ -272,7 +278,9 @@ def publish(
             if _points_to(d, version):  # swapped, only the directory fsync failed
                 raise PublishError(f"publishing {domain} v{number}: syncing the pointer failed: {e}") from e
             shutil.rmtree(version.path, ignore_errors=True)  # never current, so no reader has it
-            raise PublishError(f"publishing {domain} failed at the pointer swap: {e}; the previous version stays current") from e
+            raise PublishError(
+                f"publishing {domain} failed at the pointer swap: {e}; the previous version stays current"
+            ) from e
         try:
             _compat_links(d, version)
             update_summary(root, domain, lambda old: {**entry, "history": (old.get("history", []) + [number])[-20:]})

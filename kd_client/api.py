@@ -32,8 +32,8 @@ from jobs.errors import ConfigError, DataError, KDError
 from jobs.models import check_domain
 from jobs.publisher import locked, write_json_atomic
 from jobs.records import Record, dump_records, parse_record
-from kd_client import queue as Q
 from jobs.settings import load_settings
+from kd_client import queue as Q
 from kd_client.settings import ClientSettings
 
 log = structlog.get_logger(__name__)
@@ -48,8 +48,13 @@ class Receipt:
 
 
 class KDClient:
-    def __init__(self, settings: ClientSettings | None = None, submitter: str = "ego",
-                 connection: redis.Redis | None = None, **overrides: Any):
+    def __init__(
+        self,
+        settings: ClientSettings | None = None,
+        submitter: str = "ego",
+        connection: redis.Redis | None = None,
+        **overrides: Any,
+    ):
         self.settings = settings or load_settings(ClientSettings, **overrides)
         self.submitter = submitter
         self.spool = Path(self.settings.spool_dir)
@@ -60,18 +65,33 @@ class KDClient:
         self._down_until = 0.0
 
     # --- public API -----------------------------------------------------------------------------
-    def submit(self, domain: str, prompts: Iterable[dict] | None = None, corrections: Iterable[dict] | None = None,
-               overrides: dict[str, Any] | None = None, priority: str = "normal", force_publish: bool = False,
-               teacher: str | None = None, student: str | None = None) -> Receipt:
+    def submit(
+        self,
+        domain: str,
+        prompts: Iterable[dict] | None = None,
+        corrections: Iterable[dict] | None = None,
+        overrides: dict[str, Any] | None = None,
+        priority: str = "normal",
+        force_publish: bool = False,
+        teacher: str | None = None,
+        student: str | None = None,
+    ) -> Receipt:
         """One job now (or spooled): records are validated before anything is accepted."""
         _domain(domain)
         parts = [(k, _validated(recs, k)) for k, recs in (("prompts", prompts), ("corrections", corrections)) if recs]
         if not parts:
             raise DataError("give prompts and/or corrections")
-        entry = {"domain": domain, "overrides": overrides or {}, "priority": priority, "force_publish": force_publish,
-                 "teacher": teacher, "student": student,
-                 "datasets": [{"kind": k, "name": f"{self.submitter}-{k}.jsonl", "data": dump_records(r).decode()}
-                              for k, r in parts]}
+        entry = {
+            "domain": domain,
+            "overrides": overrides or {},
+            "priority": priority,
+            "force_publish": force_publish,
+            "teacher": teacher,
+            "student": student,
+            "datasets": [
+                {"kind": k, "name": f"{self.submitter}-{k}.jsonl", "data": dump_records(r).decode()} for k, r in parts
+            ],
+        }
         built = self._job(entry)  # fail fast on bad settings, before anything is spooled
         path = self._write_outbox(entry)
         receipts = self.deliver({path.name: built})
@@ -157,9 +177,19 @@ class KDClient:
             return Q.submit(self._connection(), self.settings, *built)
         if path.name.endswith(".corrections.jsonl"):
             domain = path.name.split("-", 2)[2].removesuffix(".corrections.jsonl")
-            entry = {"domain": domain, "overrides": {}, "priority": "normal", "force_publish": False,
-                     "datasets": [{"kind": "corrections", "name": f"{self.submitter}-corrections.jsonl",
-                                   "data": path.read_text(encoding="utf-8")}]}
+            entry = {
+                "domain": domain,
+                "overrides": {},
+                "priority": "normal",
+                "force_publish": False,
+                "datasets": [
+                    {
+                        "kind": "corrections",
+                        "name": f"{self.submitter}-corrections.jsonl",
+                        "data": path.read_text(encoding="utf-8"),
+                    }
+                ],
+            }
         else:
             entry = json.loads(path.read_text(encoding="utf-8"))
         job, datasets = self._job(entry)
@@ -167,9 +197,16 @@ class KDClient:
 
     def _job(self, entry: dict[str, Any]) -> tuple[Any, list[Q.Dataset]]:
         datasets = [self._dataset(d) for d in entry["datasets"]]
-        job = Q.build_job(entry["domain"], datasets, entry["overrides"], priority=entry["priority"],
-                          submitter=self.submitter, force_publish=entry["force_publish"],
-                          teacher=entry.get("teacher"), student=entry.get("student"))
+        job = Q.build_job(
+            entry["domain"],
+            datasets,
+            entry["overrides"],
+            priority=entry["priority"],
+            submitter=self.submitter,
+            force_publish=entry["force_publish"],
+            teacher=entry.get("teacher"),
+            student=entry.get("student"),
+        )
         return job, datasets
 
     def _dataset(self, d: dict[str, str]) -> Q.Dataset:
@@ -179,7 +216,6 @@ class KDClient:
         if self._conn is None:
             self._conn = Q.connect(self.settings)
         return self._conn
-
 
 
 def _domain(domain: str) -> None:

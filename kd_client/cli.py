@@ -56,8 +56,16 @@ def cmd_submit(args, settings) -> int:
     code, receipts = EXIT_OK, []
     for domain in domains:
         prompts = given or (_records(_sample(domain), "prompts") if args.all_domains else [])
-        rec = client.submit(domain, prompts or None, corrections or None, overrides, args.priority, args.force,
-                            args.teacher, args.student)
+        rec = client.submit(
+            domain,
+            prompts or None,
+            corrections or None,
+            overrides,
+            args.priority,
+            args.force,
+            args.teacher,
+            args.student,
+        )
         receipts.append({"domain": domain, **rec.__dict__})
         if rec.spooled:
             code = EXIT_SPOOLED
@@ -86,8 +94,10 @@ def cmd_status(args, settings) -> int:
         print(json.dumps(row, indent=2, default=str))
     else:
         progress = row.get("progress") or {}
-        print(f"{row['id']}  {row['status']}  domain={row['domain']}  phase={progress.get('phase', '-')} "
-              f"{progress.get('step', '')}/{progress.get('total', '')}")
+        print(
+            f"{row['id']}  {row['status']}  domain={row['domain']}  phase={progress.get('phase', '-')} "
+            f"{progress.get('step', '')}/{progress.get('total', '')}"
+        )
         if row.get("outcome"):
             o = row["outcome"]
             print(f"published={o.get('published')} version={o.get('version')} gate={o.get('gate', {}).get('reason')}")
@@ -112,8 +122,14 @@ def cmd_list(args, settings) -> int:
     for r in rows:
         p = r.get("progress") or {}
         result = r.get("error") or (f"v{r['outcome'].get('version')}" if r.get("outcome") else "")
-        table.add_row(r["id"], r["domain"] or "", r["status"] or "", f"{p.get('phase', '')} {p.get('step', '')}/{p.get('total', '')}",
-                      r["enqueued_at"] or "", result[:60])
+        table.add_row(
+            r["id"],
+            r["domain"] or "",
+            r["status"] or "",
+            f"{p.get('phase', '')} {p.get('step', '')}/{p.get('total', '')}",
+            r["enqueued_at"] or "",
+            result[:60],
+        )
     Console().print(table)
     return EXIT_OK
 
@@ -125,8 +141,14 @@ def watch(settings, job_id: str, quiet: bool = False, poll_s: float = 0.5) -> in
     from kd_client import queue as Q
 
     conn = Q.connect(settings)
-    bar = Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=quiet)
+    bar = Progress(
+        TextColumn("{task.description:>9}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        disable=quiet,
+    )
     tasks: dict[str, Any] = {}
     with bar:
         while True:
@@ -146,8 +168,10 @@ def watch(settings, job_id: str, quiet: bool = False, poll_s: float = 0.5) -> in
     if not quiet:
         o = row.get("outcome") or {}
         if row["status"] == "finished":
-            print(f"{job_id}: finished; published={o.get('published')} version={o.get('version')} "
-                  f"path={o.get('adapter_path')} ({(o.get('gate') or {}).get('reason')})")
+            print(
+                f"{job_id}: finished; published={o.get('published')} version={o.get('version')} "
+                f"path={o.get('adapter_path')} ({(o.get('gate') or {}).get('reason')})"
+            )
         else:
             print(f"{job_id}: {row['status']}: {row.get('error', '')}", file=sys.stderr)
     return exit_code(row)
@@ -172,8 +196,10 @@ def cmd_workers(args, settings) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for w in rows:
-            print(f"{w['name']}  {w['state']}  job={w.get('job_id') or '-'}  pid={w['pid']}@{w['host']}  "
-                  f"heartbeat {w['age_s']}s ago")
+            print(
+                f"{w['name']}  {w['state']}  job={w.get('job_id') or '-'}  pid={w['pid']}@{w['host']}  "
+                f"heartbeat {w['age_s']}s ago"
+            )
         if not rows:
             print("no live workers")
     return EXIT_OK
@@ -188,8 +214,10 @@ def cmd_summary(args, settings) -> int:
         return EXIT_OK
     for domain, e in sorted(summary.get("domains", {}).items()):
         after = (e.get("metrics") or {}).get("after", {})
-        print(f"{domain:12s} v{e.get('version')}  kl={after.get('kl', float('nan')):.4f}  "
-              f"published {e.get('published_at')}  gate: {(e.get('gate') or {}).get('reason')}")
+        print(
+            f"{domain:12s} v{e.get('version')}  kl={after.get('kl', float('nan')):.4f}  "
+            f"published {e.get('published_at')}  gate: {(e.get('gate') or {}).get('reason')}"
+        )
     return EXIT_OK
 
 
@@ -217,9 +245,16 @@ def cmd_follow(args, settings) -> int:
     from kd_client.follow import describe, follow
 
     try:
-        follow(settings.adapters_dir, args.domain, Path(args.model), args.prompt or _first_prompt(args.domain),
-               max_tokens=args.max_tokens, force_polling=args.poll or None, max_swaps=args.max_swaps,
-               on_event=lambda e: print(describe(e), flush=True))
+        follow(
+            settings.adapters_dir,
+            args.domain,
+            Path(args.model),
+            args.prompt or _first_prompt(args.domain),
+            max_tokens=args.max_tokens,
+            force_polling=args.poll or None,
+            max_swaps=args.max_swaps,
+            on_event=lambda e: print(describe(e), flush=True),
+        )
     except KeyboardInterrupt:
         pass
     return EXIT_OK
@@ -238,8 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("submit", help="queue a distillation job (spooled locally if Redis is unreachable)")
     s.add_argument("--domain", help="neuron name, e.g. memory")
-    s.add_argument("--all-domains", action="store_true",
-                   help="one job per bundled domain, with its sample prompts unless --prompts is given")
+    s.add_argument(
+        "--all-domains",
+        action="store_true",
+        help="one job per bundled domain, with its sample prompts unless --prompts is given",
+    )
     s.add_argument("--prompts", action="append", metavar="FILE", help='JSONL of {"prompt": ...} or {"messages": [...]}')
     s.add_argument("--corrections", action="append", metavar="FILE", help='JSONL of {"prompt": ..., "response": ...}')
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="KD setting override, e.g. iterations=100")
@@ -252,9 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_submit)
 
-    for name, fn, helptext in (("status", cmd_status, "one job's state, progress and outcome"),
-                               ("watch", cmd_watch, "live progress bar until the job ends"),
-                               ("cancel", cmd_cancel, "cancel a queued job, or stop a running one at its next step")):
+    for name, fn, helptext in (
+        ("status", cmd_status, "one job's state, progress and outcome"),
+        ("watch", cmd_watch, "live progress bar until the job ends"),
+        ("cancel", cmd_cancel, "cancel a queued job, or stop a running one at its next step"),
+    ):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("job", help="job id (printed by submit)")
         if name == "status":
@@ -262,8 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(func=fn)
 
     ls = sub.add_parser("list", help="jobs in all states (queued, started, finished, failed, stopped, canceled)")
-    ls.add_argument("--state", action="append", choices=("queued", "started", "deferred", "scheduled", "finished",
-                                                          "failed", "stopped", "canceled"))
+    ls.add_argument(
+        "--state",
+        action="append",
+        choices=("queued", "started", "deferred", "scheduled", "finished", "failed", "stopped", "canceled"),
+    )
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_list)
 
@@ -280,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--to", type=int, help="version number (default: the one before the current)")
     rb.set_defaults(func=cmd_rollback)
 
-    fl = sub.add_parser("flush", help="enqueue accumulated corrections now and deliver submissions spooled while "
-                                      "Redis was unreachable")
+    fl = sub.add_parser(
+        "flush", help="enqueue accumulated corrections now and deliver submissions spooled while Redis was unreachable"
+    )
     fl.add_argument("--submitter", default="kd-client")
     fl.set_defaults(func=cmd_flush)
 
@@ -297,13 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
     import structlog
     from redis import RedisError
 
-    import logging
-
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr),  # stdout is for results
-                        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    structlog.configure(
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),  # stdout is for results
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+    )
     args = build_parser().parse_args(argv)
     from jobs.settings import load_settings
     from kd_client.settings import ClientSettings

@@ -53,13 +53,17 @@ def answer(model: Any, tokenizer: Any, prompt: str, max_tokens: int) -> str:
     """A greedy (deterministic) answer, through the chat template when the tokenizer has one."""
     import mlx_lm
 
-    ids = (tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-           if getattr(tokenizer, "chat_template", None) else tokenizer.encode(prompt))
+    ids = (
+        tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        if getattr(tokenizer, "chat_template", None)
+        else tokenizer.encode(prompt)
+    )
     return mlx_lm.generate(model, tokenizer, ids, max_tokens=max_tokens)
 
 
-def swap_and_answer(slot: AdapterSlot, tokenizer: Any, update: AdapterUpdate, prompt: str, max_tokens: int,
-                    load_s: float) -> FollowEvent:
+def swap_and_answer(
+    slot: AdapterSlot, tokenizer: Any, update: AdapterUpdate, prompt: str, max_tokens: int, load_s: float
+) -> FollowEvent:
     """One step of the loop; a version that fails to apply is reported and the old one keeps serving."""
     try:
         swap = slot.apply(update.path)
@@ -71,9 +75,17 @@ def swap_and_answer(slot: AdapterSlot, tokenizer: Any, update: AdapterUpdate, pr
 
 
 def follow(
-    adapters_dir: Path, domain: str, model_dir: Path, prompt: str, *, max_tokens: int = 64,
-    force_polling: bool | None = None, stop_event: threading.Event | None = None,
-    on_event: Callable[[FollowEvent], None] | None = None, max_swaps: int | None = None, wait_s: float = 0.5,
+    adapters_dir: Path,
+    domain: str,
+    model_dir: Path,
+    prompt: str,
+    *,
+    max_tokens: int = 64,
+    force_polling: bool | None = None,
+    stop_event: threading.Event | None = None,
+    on_event: Callable[[FollowEvent], None] | None = None,
+    max_swaps: int | None = None,
+    wait_s: float = 0.5,
 ) -> int:
     """Hold `model_dir` loaded and follow `domain`'s published adapter until `stop_event` is set
     (or `max_swaps` versions were handled); returns the number of versions handled. The current

@@ -68,8 +68,10 @@ def read_config(path: Path) -> dict[str, Any]:
         config = json.loads((path / CONFIG).read_text())
         kind = config.get("fine_tune_type", "lora")
         if kind not in ("lora", "dora"):
-            raise AdapterSwapError(f"{path}: fine_tune_type={kind!r} replaces base weights; only lora/dora "
-                                   "adapters can be swapped in place (reload the model instead)")
+            raise AdapterSwapError(
+                f"{path}: fine_tune_type={kind!r} replaces base weights; only lora/dora "
+                "adapters can be swapped in place (reload the model instead)"
+            )
         params = config["lora_parameters"]
         complete = all(isinstance(v, (int, float)) for v in (config["num_layers"], params["rank"], params["scale"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -135,7 +137,8 @@ def check_weights(weights: dict[str, mx.array], params: dict[str, mx.array], whe
     errors += [f"  {k}: missing from the adapter file" for k in sorted(params.keys() - weights.keys())]
     errors += [
         f"  {k}: adapter shape {tuple(w.shape)} does not match model parameter shape {tuple(params[k].shape)}"
-        for k, w in sorted(weights.items()) if k in params and w.shape != params[k].shape
+        for k, w in sorted(weights.items())
+        if k in params and w.shape != params[k].shape
     ]
     if errors:
         raise AdapterSwapError(f"adapter {where} does not fit the loaded model:\n" + "\n".join(errors))
@@ -202,7 +205,9 @@ class AdapterSlot:
             self._restore(old, restructure)
             if isinstance(e, AdapterSwapError):
                 raise
-            raise AdapterSwapError(f"applying {new.path} failed ({type(e).__name__}: {e}); kept {self._name(old)}") from e
+            raise AdapterSwapError(
+                f"applying {new.path} failed ({type(e).__name__}: {e}); kept {self._name(old)}"
+            ) from e
         self.previous, self.current = old, new
         return SwapResult(new.path, time.perf_counter() - t0, restructure, len(new.weights))
 

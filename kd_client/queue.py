@@ -17,13 +17,30 @@ from rq import Queue, Retry
 from rq.command import send_stop_job_command
 from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
-from rq.registry import (CanceledJobRegistry, DeferredJobRegistry, FailedJobRegistry, FinishedJobRegistry,
-                         ScheduledJobRegistry, StartedJobRegistry)
+from rq.registry import (
+    CanceledJobRegistry,
+    DeferredJobRegistry,
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    ScheduledJobRegistry,
+    StartedJobRegistry,
+)
 from rq.serializers import JSONSerializer
 
 from jobs.config import resolve_config
 from jobs.errors import DataError, KDError
-from jobs.models import (TASK_FUNC, DataRef, KDJob, active_key, blob_key, cancel_key, health_key, parse_job, queue_names, seq_key)
+from jobs.models import (
+    TASK_FUNC,
+    DataRef,
+    KDJob,
+    active_key,
+    blob_key,
+    cancel_key,
+    health_key,
+    parse_job,
+    queue_names,
+    seq_key,
+)
 from jobs.records import read_records
 from kd_client.settings import ClientSettings
 
@@ -57,15 +74,19 @@ def prepare_dataset(kind: Literal["prompts", "corrections"], data: bytes, name: 
 
 
 def connect(settings: ClientSettings) -> redis.Redis:
-    return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.connect_timeout,
-                                socket_timeout=settings.socket_timeout)
+    return redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=settings.connect_timeout, socket_timeout=settings.socket_timeout
+    )
 
 
-def build_job(domain: str, datasets: Sequence[Dataset], overrides: dict[str, Any] | None = None, **fields: Any) -> KDJob:
+def build_job(
+    domain: str, datasets: Sequence[Dataset], overrides: dict[str, Any] | None = None, **fields: Any
+) -> KDJob:
     """The job payload, validated exactly as the worker will (jobs.models.parse_job)."""
     resolve_config(overrides or {})  # unknown or out-of-range settings fail at submit time
-    refs = [DataRef(kind=d.kind, sha256=d.sha256, records=d.records, size=len(d.data), name=d.name[:200])
-            for d in datasets]
+    refs = [
+        DataRef(kind=d.kind, sha256=d.sha256, records=d.records, size=len(d.data), name=d.name[:200]) for d in datasets
+    ]
     return parse_job({"domain": domain, "data": refs, "overrides": overrides or {}, **fields})
 
 
@@ -94,9 +115,15 @@ def submit(conn: redis.Redis, settings: ClientSettings, job: KDJob, datasets: Se
     retry = Retry(max=settings.max_attempts - 1) if settings.max_attempts > 1 else None
     try:
         queue.enqueue(
-            TASK_FUNC, kwargs={"payload": job.model_dump(mode="json")}, job_id=job_id, unique=True,
-            job_timeout=settings.job_timeout, result_ttl=settings.result_ttl, failure_ttl=settings.failure_ttl,
-            retry=retry, meta={"ticket": ticket, "domain": job.domain, "submitter": job.submitter},
+            TASK_FUNC,
+            kwargs={"payload": job.model_dump(mode="json")},
+            job_id=job_id,
+            unique=True,
+            job_timeout=settings.job_timeout,
+            result_ttl=settings.result_ttl,
+            failure_ttl=settings.failure_ttl,
+            retry=retry,
+            meta={"ticket": ticket, "domain": job.domain, "submitter": job.submitter},
             description=f"kd {job.domain}: {sum(d.records for d in job.data)} records",
         )
     except DuplicateJobError:
@@ -110,11 +137,17 @@ def describe(job: Job) -> dict[str, Any]:
     status = job.get_status(refresh=False)  # Job.fetch already read it
     result = job.latest_result()
     out: dict[str, Any] = {
-        "id": job.id, "status": status.value if status else None, "domain": job.meta.get("domain"),
-        "ticket": job.meta.get("ticket"), "queue": job.origin, "worker": job.worker_name,
-        "enqueued_at": _iso(job.enqueued_at), "started_at": _iso(job.started_at),
+        "id": job.id,
+        "status": status.value if status else None,
+        "domain": job.meta.get("domain"),
+        "ticket": job.meta.get("ticket"),
+        "queue": job.origin,
+        "worker": job.worker_name,
+        "enqueued_at": _iso(job.enqueued_at),
+        "started_at": _iso(job.started_at),
         "ended_at": _iso(job.ended_at or (result.execution_ended_at if result is not None else None)),
-        "progress": job.meta.get("progress"), "description": job.description,
+        "progress": job.meta.get("progress"),
+        "description": job.description,
     }
     if result is not None and result.type == result.Type.SUCCESSFUL and isinstance(result.return_value, dict):
         out["outcome"] = result.return_value
@@ -138,8 +171,14 @@ def all_job_ids(conn: redis.Redis, settings: ClientSettings) -> list[str]:
     for name in queue_names(settings.queue).values():
         q = Queue(name, connection=conn, serializer=JSONSerializer)
         ids += q.get_job_ids()
-        for reg in (StartedJobRegistry, DeferredJobRegistry, ScheduledJobRegistry, FinishedJobRegistry,
-                    FailedJobRegistry, CanceledJobRegistry):
+        for reg in (
+            StartedJobRegistry,
+            DeferredJobRegistry,
+            ScheduledJobRegistry,
+            FinishedJobRegistry,
+            FailedJobRegistry,
+            CanceledJobRegistry,
+        ):
             ids += reg(name, connection=conn, serializer=JSONSerializer).get_job_ids(cleanup=False)
     return list(dict.fromkeys(ids))
 
@@ -166,7 +205,9 @@ def cancel(conn: redis.Redis, job_id: str) -> str:
         except InvalidJobOperation:
             pass
         return "stopping"
-    raise KDError(f"job {job_id} is {status.value if status else 'unknown'}; only queued or running jobs can be canceled")
+    raise KDError(
+        f"job {job_id} is {status.value if status else 'unknown'}; only queued or running jobs can be canceled"
+    )
 
 
 def workers(conn: redis.Redis) -> list[dict[str, Any]]:

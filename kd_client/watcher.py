@@ -64,9 +64,18 @@ class AdapterWatcher:
     """
 
     def __init__(
-        self, root: Path | str, domains: Iterable[str] | None = None, *, on_change: OnChange | None = None,
-        force_polling: bool | None = None, report_existing: bool = True, debounce_ms: int = 1600,
-        step_ms: int = 50, rescan_s: float | None = None, poll_delay_ms: int = 300, verify_attempts: int = 3,
+        self,
+        root: Path | str,
+        domains: Iterable[str] | None = None,
+        *,
+        on_change: OnChange | None = None,
+        force_polling: bool | None = None,
+        report_existing: bool = True,
+        debounce_ms: int = 1600,
+        step_ms: int = 50,
+        rescan_s: float | None = None,
+        poll_delay_ms: int = 300,
+        verify_attempts: int = 3,
     ):
         self.root = Path(root).absolute()
         self._roots = {self.root, self.root.resolve()}  # events may carry either (macOS: /private/var)
@@ -128,8 +137,9 @@ class AdapterWatcher:
     def take(self, timeout: float | None = None) -> list[AdapterUpdate]:
         """The pending updates (newest per domain), waiting up to `timeout`; [] on timeout or stop."""
         with self._cond:
-            self._cond.wait_for(lambda: self._pending or self._stop.is_set() or self._done.is_set()
-                                or self._thread is None, timeout)
+            self._cond.wait_for(
+                lambda: self._pending or self._stop.is_set() or self._done.is_set() or self._thread is None, timeout
+            )
             out, self._pending = list(self._pending.values()), {}
         if not out and self.error is not None:
             raise WatcherFailed(f"the adapter watcher of {self.root} stopped: {self.error}") from self.error
@@ -161,9 +171,16 @@ class AdapterWatcher:
                 return
         self._scan(report=self.report_existing)
         for _ in watch(
-            self.root, watch_filter=self._relevant, debounce=self.debounce_ms, step=self.step_ms,
-            stop_event=self._stop, rust_timeout=self.rescan_ms, yield_on_timeout=True,
-            force_polling=self.force_polling, poll_delay_ms=self.poll_delay_ms, raise_interrupt=False,
+            self.root,
+            watch_filter=self._relevant,
+            debounce=self.debounce_ms,
+            step=self.step_ms,
+            stop_event=self._stop,
+            rust_timeout=self.rescan_ms,
+            yield_on_timeout=True,
+            force_polling=self.force_polling,
+            poll_delay_ms=self.poll_delay_ms,
+            raise_interrupt=False,
         ):
             self._scan(report=True)  # a batch of events or a quiet period: resolve every pointer once
             self._ready.set()
@@ -236,8 +253,9 @@ class AdapterWatcher:
                 error = e
             if attempt + 1 < self.verify_attempts and self._stop.wait(0.1 * 2**attempt):
                 return None
-        log.warning("adapter_invalid", domain=version.domain, version=version.number, path=str(version.path),
-                    error=str(error))
+        log.warning(
+            "adapter_invalid", domain=version.domain, version=version.number, path=str(version.path), error=str(error)
+        )
         return None
 
     def _emit(self, update: AdapterUpdate) -> None:
@@ -249,5 +267,9 @@ class AdapterWatcher:
             try:
                 self.on_change(update)
             except Exception as e:  # noqa: BLE001 - a consumer's bug must not end the watching
-                log.error("watcher_callback_failed", domain=update.domain, version=update.version,
-                          error=f"{type(e).__name__}: {e}")
+                log.error(
+                    "watcher_callback_failed",
+                    domain=update.domain,
+                    version=update.version,
+                    error=f"{type(e).__name__}: {e}",
+                )

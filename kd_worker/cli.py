@@ -69,21 +69,25 @@ def _file_sha(path: Path) -> str:
 
 def cmd_distill(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
     from jobs.config import parse_overrides, resolve_config
+    from kd_worker.daemon.runtime import Runtime
     from kd_worker.engine.distill import DistillRequest, run_distillation
     from kd_worker.ops.console import ConsoleProgress
-    from kd_worker.daemon.runtime import Runtime
 
     if args.out:
         settings = settings.model_copy(update={"adapters_dir": Path(args.out)})
     overrides = parse_overrides(args.set or [])
     resolve_config(settings.kd_defaults, overrides)  # fail fast on a bad --set, before any model loads
-    data = [("prompts", Path(p)) for p in args.prompts or []] + [("corrections", Path(p)) for p in args.corrections or []]
+    data = [("prompts", Path(p)) for p in args.prompts or []] + [
+        ("corrections", Path(p)) for p in args.corrections or []
+    ]
     if not data:
         raise KDError("give --prompts FILE and/or --corrections FILE")
     teacher = require_model_dir(Path(args.teacher) if args.teacher else settings.teacher, "--teacher / KD_TEACHER")
     student = require_model_dir(Path(args.student) if args.student else settings.student, "--student / KD_STUDENT")
-    ident = json.dumps([args.domain, [(k, _file_sha(p)) for k, p in data], overrides, str(teacher.resolve()),
-                        str(student.resolve())], sort_keys=True)
+    ident = json.dumps(
+        [args.domain, [(k, _file_sha(p)) for k, p in data], overrides, str(teacher.resolve()), str(student.resolve())],
+        sort_keys=True,
+    )
     run_id = "cli-" + hashlib.sha256(ident.encode()).hexdigest()[:20]
     req = DistillRequest(args.domain, tuple(data), teacher, student, run_id, overrides, args.force)
     with ConsoleProgress(enabled=not args.json) as progress:
@@ -110,10 +114,14 @@ def print_outcome(outcome: dict[str, Any], as_json: bool) -> None:
     console.print(table)
     gate = outcome["gate"]
     if outcome["published"]:
-        console.print(f"published {outcome['domain']} v{outcome['version']}: {outcome['adapter_path']} ({gate['reason']})")
+        console.print(
+            f"published {outcome['domain']} v{outcome['version']}: {outcome['adapter_path']} ({gate['reason']})"
+        )
     else:
-        console.print(f"[yellow]not published[/]: {gate['reason']} (candidate KL {gate.get('candidate_kl'):.4f} > "
-                      f"published {gate.get('published_kl'):.4f}); rerun with --force to publish anyway")
+        console.print(
+            f"[yellow]not published[/]: {gate['reason']} (candidate KL {gate.get('candidate_kl'):.4f} > "
+            f"published {gate.get('published_kl'):.4f}); rerun with --force to publish anyway"
+        )
 
 
 def cmd_run(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
@@ -135,8 +143,11 @@ def cmd_demo(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kd-worker", description="kd-daemon's worker: distil student LoRA adapters from a "
-                                "resident teacher (`run` serves the Redis queue; `distill` runs one job in-process).")
+    p = argparse.ArgumentParser(
+        prog="kd-worker",
+        description="kd-daemon's worker: distil student LoRA adapters from a "
+        "resident teacher (`run` serves the Redis queue; `distill` runs one job in-process).",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("doctor", help="check platform, MLX, BLAS speed, Redis, model dirs, adapters dir")
@@ -167,8 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     dm = sub.add_parser("demo", help="build tiny models, start Redis + a worker, distil `memory`, show the result")
-    dm.add_argument("--dir", default=".kd/demo", help="where the demo models, Redis data, work dir, logs and the plot "
-                    "go (the adapter goes to KD_ADAPTERS_DIR, default ./adapters_kd)")
+    dm.add_argument(
+        "--dir",
+        default=".kd/demo",
+        help="where the demo models, Redis data, work dir, logs and the plot "
+        "go (the adapter goes to KD_ADAPTERS_DIR, default ./adapters_kd)",
+    )
     dm.add_argument("--iterations", type=int, default=200, help="training steps of the demo job")
     dm.set_defaults(func=cmd_demo)
 

@@ -12,7 +12,6 @@ from kd_worker.ops.blas import ensure_fast_blas  # noqa: E402
 ensure_fast_blas()  # must precede every `import mlx.core` in the test session
 
 import pytest  # noqa: E402
-
 from helpers import RedisServer, WorkerProcess, worker_env  # noqa: E402
 
 

@@ -68,13 +68,44 @@ class RedisServer:
 
     def start(self) -> "RedisServer":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-                "--unixsocket", str(self.socket), "--unixsocketperm", "700", "--save", "",
-                "--maxmemory-policy", "noeviction", "--daemonize", "no", "--logfile", str(self.workdir / "redis.log")]
+        args = [
+            self.exe,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.workdir),
+            "--unixsocket",
+            str(self.socket),
+            "--unixsocketperm",
+            "700",
+            "--save",
+            "",
+            "--maxmemory-policy",
+            "noeviction",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.workdir / "redis.log"),
+        ]
         if self.config is not None:  # the file's own bind, persistence and eviction rules apply
-            args = [self.exe, str(self.config), "--port", str(self.port), "--dir", str(self.workdir),
-                    "--unixsocket", str(self.socket), "--unixsocketperm", "700", "--daemonize", "no",
-                    "--logfile", str(self.workdir / "redis.log")]
+            args = [
+                self.exe,
+                str(self.config),
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.workdir),
+                "--unixsocket",
+                str(self.socket),
+                "--unixsocketperm",
+                "700",
+                "--daemonize",
+                "no",
+                "--logfile",
+                str(self.workdir / "redis.log"),
+            ]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -101,22 +132,26 @@ def kd_env(**extra: str) -> dict[str, str]:
     return child_env(**extra)
 
 
-def worker_env(tmp_path: Path, models_root: Path, redis_url: str, heartbeat_interval: str, **extra: str) -> dict[str, str]:
+def worker_env(
+    tmp_path: Path, models_root: Path, redis_url: str, heartbeat_interval: str, **extra: str
+) -> dict[str, str]:
     """Environment for worker and client processes: real Redis, tiny models, small jobs; `extra`
     KD_* variables override (e.g. KD_WORKER_NAME, KD_MODELS_ROOT)."""
-    return kd_env(**{
-        "KD_REDIS_URL": redis_url,
-        "KD_TEACHER": str(models_root / "teacher"),
-        "KD_STUDENT": str(models_root / "student"),
-        "KD_MODELS_ROOT": str(models_root),
-        "KD_WORK_DIR": str(tmp_path / "work"),
-        "KD_ADAPTERS_DIR": str(tmp_path / "adapters_kd"),
-        "KD_SPOOL_DIR": str(tmp_path / "spool"),
-        "KD_KD_DEFAULTS": json.dumps(FAST),
-        "KD_HEARTBEAT_INTERVAL": heartbeat_interval,
-        "KD_WORKER_NAME": f"test-{tmp_path.name}",
-        **extra,
-    })
+    return kd_env(
+        **{
+            "KD_REDIS_URL": redis_url,
+            "KD_TEACHER": str(models_root / "teacher"),
+            "KD_STUDENT": str(models_root / "student"),
+            "KD_MODELS_ROOT": str(models_root),
+            "KD_WORK_DIR": str(tmp_path / "work"),
+            "KD_ADAPTERS_DIR": str(tmp_path / "adapters_kd"),
+            "KD_SPOOL_DIR": str(tmp_path / "spool"),
+            "KD_KD_DEFAULTS": json.dumps(FAST),
+            "KD_HEARTBEAT_INTERVAL": heartbeat_interval,
+            "KD_WORKER_NAME": f"test-{tmp_path.name}",
+            **extra,
+        }
+    )
 
 
 # --- job state read straight from Redis: kd_client's `describe`, exactly what `kd-client status
@@ -138,10 +173,18 @@ def wait_status(conn: redis.Redis, job_id: str, states: set[str], timeout: float
     return wait_for(settled, timeout, interval=0.1, what=f"job {job_id} in {sorted(states)}")
 
 
-def wait_phase(conn: redis.Redis, job_id: str, phase: str, min_step: int = 0, since: float = 0.0,
-               timeout: float = 180, interval: float = 0.01) -> dict[str, Any]:
+def wait_phase(
+    conn: redis.Redis,
+    job_id: str,
+    phase: str,
+    min_step: int = 0,
+    since: float = 0.0,
+    timeout: float = 180,
+    interval: float = 0.01,
+) -> dict[str, Any]:
     """Progress of the job once it reports `phase` (at `min_step` or later, written after the
     time `since`: a killed run's last progress stays in job.meta); polls Redis every 10 ms."""
+
     def there():
         p = (row(conn, job_id) or {}).get("progress") or {}
         fresh = p.get("updated_at", 0) >= since
@@ -157,21 +200,45 @@ def engine_settings(tmp: Path, **kw: Any):
     return WorkerSettings(work_dir=tmp / "work", adapters_dir=tmp / "adapters_kd", **kw)
 
 
-def distill(tmp: Path, models_root: Path, domain: str = "memory", data: tuple | None = None, *,
-            teacher: str = "teacher", student: str = "student", overrides: dict | None = None, run_id: str = "r1",
-            job_id: str | None = None, force_publish: bool = False, reuse_outcome: bool = False, settings=None,
-            runtime=None, progress: Callable | None = None, should_stop: Callable | None = None,
-            publish_guard: Callable = contextlib.nullcontext) -> dict[str, Any]:
+def distill(
+    tmp: Path,
+    models_root: Path,
+    domain: str = "memory",
+    data: tuple | None = None,
+    *,
+    teacher: str = "teacher",
+    student: str = "student",
+    overrides: dict | None = None,
+    run_id: str = "r1",
+    job_id: str | None = None,
+    force_publish: bool = False,
+    reuse_outcome: bool = False,
+    settings=None,
+    runtime=None,
+    progress: Callable | None = None,
+    should_stop: Callable | None = None,
+    publish_guard: Callable = contextlib.nullcontext,
+) -> dict[str, Any]:
     """One `run_distillation` on the tiny models; `data` defaults to the domain's bundled sample
     prompts, `settings` to work/ and adapters_kd/ under `tmp`, `runtime` to a fresh one."""
-    from kd_worker.engine.distill import DistillRequest, run_distillation
     from kd_worker.daemon.runtime import Runtime
+    from kd_worker.engine.distill import DistillRequest, run_distillation
 
     s = settings or engine_settings(tmp)
-    req = DistillRequest(domain, data or (("prompts", SAMPLES / f"{domain}.jsonl"),), models_root / teacher,
-                         models_root / student, run_id, overrides or {}, force_publish, job_id, reuse_outcome)
-    return run_distillation(req, runtime or Runtime(s), s, progress or (lambda p: None),
-                            should_stop or (lambda: None), publish_guard)
+    req = DistillRequest(
+        domain,
+        data or (("prompts", SAMPLES / f"{domain}.jsonl"),),
+        models_root / teacher,
+        models_root / student,
+        run_id,
+        overrides or {},
+        force_publish,
+        job_id,
+        reuse_outcome,
+    )
+    return run_distillation(
+        req, runtime or Runtime(s), s, progress or (lambda p: None), should_stop or (lambda: None), publish_guard
+    )
 
 
 class WorkerProcess:
@@ -189,8 +256,9 @@ class WorkerProcess:
     def launch(self) -> "WorkerProcess":
         """Start the process without waiting for it to be ready (e.g. while Redis is still down)."""
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([venv_bin("kd-worker"), "run", *self.args], env=self.env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [venv_bin("kd-worker"), "run", *self.args], env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+        )
         return self
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
@@ -207,8 +275,10 @@ class WorkerProcess:
     def wait_event(self, name: str, timeout: float = 60, count: int = 1) -> list[dict[str, Any]]:
         def seen():
             if self.proc is not None and self.proc.poll() is not None and len(self.events(name)) < count:
-                raise RuntimeError(f"worker exited ({self.proc.returncode}) before {name!r}:\n"
-                                   + self.log_path.read_text(errors="replace")[-3000:])
+                raise RuntimeError(
+                    f"worker exited ({self.proc.returncode}) before {name!r}:\n"
+                    + self.log_path.read_text(errors="replace")[-3000:]
+                )
             evs = self.events(name)
             return evs if len(evs) >= count else None
 

@@ -30,8 +30,12 @@ def lora_shapes(model_dir: Path, num_layers: int = 2, rank: int = 8, scale: floa
 
 def adapter_config(shapes: Shapes, num_layers: int, scale: float, tag: int) -> dict:
     rank = next(s[1] for k, s in shapes.items() if k.endswith("lora_a"))
-    return {"fine_tune_type": "lora", "num_layers": num_layers,
-            "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0}, "kd": {"tag": tag}}
+    return {
+        "fine_tune_type": "lora",
+        "num_layers": num_layers,
+        "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0},
+        "kd": {"tag": tag},
+    }
 
 
 def lora_weights(shapes: Shapes, tag: int) -> dict[str, np.ndarray]:
@@ -48,6 +52,8 @@ def write_adapter(stage: Path, shapes: Shapes, tag: int, num_layers: int = 2, sc
     """adapters.safetensors + adapter_config.json + kd_metrics.json, each naming `tag`."""
     from safetensors.numpy import save_file
 
-    save_file(lora_weights(shapes, tag), str(stage / "adapters.safetensors"), metadata={"format": "mlx", "tag": str(tag)})
+    save_file(
+        lora_weights(shapes, tag), str(stage / "adapters.safetensors"), metadata={"format": "mlx", "tag": str(tag)}
+    )
     (stage / "adapter_config.json").write_text(json.dumps(adapter_config(shapes, num_layers, scale, tag)))
     (stage / "kd_metrics.json").write_text(json.dumps({"tag": tag}))

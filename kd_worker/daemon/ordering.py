@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator
 import structlog
 from redis import Redis, RedisError
 from redis.exceptions import LockError
-from rq.job import Job, JobStatus
 from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
 
 from jobs.errors import raise_if_stopped
 from jobs.models import active_key, health_key, published_key
@@ -83,8 +83,9 @@ def _stop_waiting(should_stop: Callable[[], str | None], what: str) -> None:
     raise_if_stopped(should_stop(), f"while waiting for {what}", "training is checkpointed")
 
 
-def acquire_publish_lock(conn: Redis, domain: str, job_id: str, should_stop: Callable[[], str | None],
-                         poll_s: float, lock_timeout_s: int):
+def acquire_publish_lock(
+    conn: Redis, domain: str, job_id: str, should_stop: Callable[[], str | None], poll_s: float, lock_timeout_s: int
+):
     lock = conn.lock(publish_lock_key(domain), timeout=lock_timeout_s)
     while not lock.acquire(blocking=False, token=job_id):
         raw = conn.get(lock.name)
@@ -98,8 +99,15 @@ def acquire_publish_lock(conn: Redis, domain: str, job_id: str, should_stop: Cal
 
 
 @contextlib.contextmanager
-def in_order(conn: Redis, domain: str, job_id: str, ticket: int | None, should_stop: Callable[[], str | None],
-             poll_s: float = 1.0, lock_timeout_s: int = 24 * 3600) -> Iterator[str | None]:
+def in_order(
+    conn: Redis,
+    domain: str,
+    job_id: str,
+    ticket: int | None,
+    should_stop: Callable[[], str | None],
+    poll_s: float = 1.0,
+    lock_timeout_s: int = 24 * 3600,
+) -> Iterator[str | None]:
     """Yields None to publish now, or the reason to skip (a newer ticket is already published)."""
     if ticket is None:  # a job enqueued without a ticket (not through kd_client) publishes unordered
         yield None

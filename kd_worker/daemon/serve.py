@@ -36,8 +36,10 @@ def wait_for_redis(conn: Redis, max_wait_s: float = 60.0) -> None:
             conn.ping()
             return
         except AuthenticationError as e:  # waiting will not fix a wrong password: a configuration error
-            raise ConfigError(f"Redis refused the credentials of KD_REDIS_URL ({e}); set "
-                              "redis://:PASSWORD@host:port/db or unix:///path/redis.sock?password=PASSWORD") from e
+            raise ConfigError(
+                f"Redis refused the credentials of KD_REDIS_URL ({e}); set "
+                "redis://:PASSWORD@host:port/db or unix:///path/redis.sock?password=PASSWORD"
+            ) from e
         except RedisError as e:
             log.warning("redis_unavailable", error=str(e), retry_in_s=delay)
             time.sleep(delay)
@@ -54,6 +56,7 @@ def redis_answers(conn: Redis) -> bool:
 def install_stop_handlers(control: Any, started: list[Any]) -> None:
     """SIGTERM/SIGINT before rq's work() installs its own handlers (model loading, start-up):
     note the stop, and make rq's loop stop at its first check instead of taking a job."""
+
     def stop(signum, frame):
         control.shutdown()
         for worker in started:
@@ -84,8 +87,9 @@ def serve(settings: WorkerSettings, blas_library: str | None, burst: bool = Fals
     install_context(WorkerContext(settings, runtime, conn, control))
     queues = [Queue(n, connection=conn, serializer=JSONSerializer) for n in queue_names(settings.queue).values()]
     wait_for_redis(conn)  # before KDWorker(): its constructor already talks to Redis
-    worker = KDWorker(queues, conn, control, settings.heartbeat_interval, settings.lost_job_grace,
-                      name=settings.worker_name)
+    worker = KDWorker(
+        queues, conn, control, settings.heartbeat_interval, settings.lost_job_grace, name=settings.worker_name
+    )
     worker.claim_name()
     started.append(worker)
     worker.recover_orphans()

@@ -17,13 +17,13 @@ from rq.job import Job
 
 from jobs.config import resolve_config
 from jobs.errors import ConfigError, DataError, JobInterrupted, SecurityError
-from jobs.publisher import write_bytes_atomic
 from jobs.models import KDJob, blob_key, cancel_key, parse_job
+from jobs.publisher import write_bytes_atomic
 from kd_worker.daemon import ordering
-from kd_worker.engine.distill import DistillRequest, run_distillation
 from kd_worker.daemon.runtime import WorkerContext, current_context
-from kd_worker.settings import WorkerSettings, require_model_dir
+from kd_worker.engine.distill import DistillRequest, run_distillation
 from kd_worker.engine.trainer import Progress
+from kd_worker.settings import WorkerSettings, require_model_dir
 
 log = structlog.get_logger(__name__)
 
@@ -41,7 +41,9 @@ def materialize_data(conn: Redis, job: KDJob, settings: WorkerSettings) -> tuple
         if not path.is_file():
             blob = conn.get(blob_key(ref.sha256))
             if blob is None:
-                raise DataError(f"{ref.name}: data blob {ref.sha256[:12]} is missing or expired in Redis; resubmit the job")
+                raise DataError(
+                    f"{ref.name}: data blob {ref.sha256[:12]} is missing or expired in Redis; resubmit the job"
+                )
             if len(blob) != ref.size or hashlib.sha256(blob).hexdigest() != ref.sha256:
                 raise DataError(f"{ref.name}: data does not match its sha256 {ref.sha256[:12]} (corrupt or tampered)")
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,6 +54,7 @@ def materialize_data(conn: Redis, job: KDJob, settings: WorkerSettings) -> tuple
 
 def resolve_models(job: KDJob, settings: WorkerSettings) -> tuple[Path, Path]:
     """Job-named models must live under KD_MODELS_ROOT; otherwise the worker's defaults."""
+
     def pick(name: str | None, default: Path | None, var: str) -> Path:
         if name is None:
             return require_model_dir(default, var)
@@ -79,8 +82,13 @@ class MetaProgress:
             return
         self._last, self._phase = now, p.phase
         self.job.meta["progress"] = {
-            "phase": p.phase, "step": p.step, "total": p.total, "metrics": p.metrics,
-            "tokens_per_s": p.tokens_per_s, "eta_s": p.eta_s, "updated_at": time.time(),
+            "phase": p.phase,
+            "step": p.step,
+            "total": p.total,
+            "metrics": p.metrics,
+            "tokens_per_s": p.tokens_per_s,
+            "eta_s": p.eta_s,
+            "updated_at": time.time(),
         }
         try:
             self.job.save_meta()
@@ -130,12 +138,24 @@ def run_kd_job(payload: dict[str, Any]) -> Any:
         teacher, student = resolve_models(spec, ctx.settings)
         data = materialize_data(ctx.connection, spec, ctx.settings)
         # one run dir per submission: retries and requeues resume it, a resubmission starts afresh
-        req = DistillRequest(spec.domain, data, teacher, student, run_id=f"{rq_job.id}-{ticket or 0}",
-                             overrides=dict(spec.overrides), force_publish=spec.force_publish, job_id=rq_job.id,
-                             reuse_outcome=True)
+        req = DistillRequest(
+            spec.domain,
+            data,
+            teacher,
+            student,
+            run_id=f"{rq_job.id}-{ticket or 0}",
+            overrides=dict(spec.overrides),
+            force_publish=spec.force_publish,
+            job_id=rq_job.id,
+            reuse_outcome=True,
+        )
         stop = make_stopper(ctx, rq_job.id)
         outcome = run_distillation(
-            req, ctx.runtime, ctx.settings, MetaProgress(rq_job), stop,
+            req,
+            ctx.runtime,
+            ctx.settings,
+            MetaProgress(rq_job),
+            stop,
             publish_guard=lambda: ordering.in_order(ctx.connection, spec.domain, rq_job.id, ticket, stop),
         )
     except JobInterrupted as e:
@@ -144,7 +164,17 @@ def run_kd_job(payload: dict[str, Any]) -> Any:
     finally:
         structlog.contextvars.unbind_contextvars("job_id", "domain")
     after = outcome.get("after", {})
-    log.info("job_finished", job_id=rq_job.id, domain=spec.domain, duration_s=round(time.perf_counter() - started, 3),
-             published=outcome["published"], version=outcome.get("version"), adapter_path=outcome.get("adapter_path"),
-             val_kl=after.get("kl"), val_ce=after.get("ce"), val_total=after.get("total"), gate=outcome["gate"]["decision"])
+    log.info(
+        "job_finished",
+        job_id=rq_job.id,
+        domain=spec.domain,
+        duration_s=round(time.perf_counter() - started, 3),
+        published=outcome["published"],
+        version=outcome.get("version"),
+        adapter_path=outcome.get("adapter_path"),
+        val_kl=after.get("kl"),
+        val_ce=after.get("ce"),
+        val_total=after.get("total"),
+        gate=outcome["gate"]["decision"],
+    )
     return outcome

@@ -25,7 +25,8 @@ from typing import Any
 
 import structlog
 from redis import Redis, RedisError
-from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import SimpleWorker
 from rq.exceptions import DeserializationError
 from rq.executions import Execution
@@ -43,8 +44,15 @@ log = structlog.get_logger(__name__)
 
 
 class KDWorker(SimpleWorker):
-    def __init__(self, queues, connection: Redis, control: JobControl, heartbeat_interval: float = 5.0,
-                 lost_job_grace: float = 60.0, **kwargs):
+    def __init__(
+        self,
+        queues,
+        connection: Redis,
+        control: JobControl,
+        heartbeat_interval: float = 5.0,
+        lost_job_grace: float = 60.0,
+        **kwargs,
+    ):
         super().__init__(queues, connection=connection, serializer=JSONSerializer, **kwargs)
         self.control = control
         self.heartbeat_interval = heartbeat_interval
@@ -59,14 +67,18 @@ class KDWorker(SimpleWorker):
         try:
             func = job.func_name  # JSON-decodes the payload; resolving the function would import it
         except DeserializationError as e:
-            raise SecurityError(f"job {job.id}: its data is not JSON (rq's default pickle serializer?); this worker "
-                                "reads JSON only and never unpickles; enqueue with serializer=JSONSerializer") from e
+            raise SecurityError(
+                f"job {job.id}: its data is not JSON (rq's default pickle serializer?); this worker "
+                "reads JSON only and never unpickles; enqueue with serializer=JSONSerializer"
+            ) from e
         if func not in ALLOWED_TASKS:
             log.error("job_refused", job_id=job.id, func=func)
             raise SecurityError(f"task {func!r} is not allowed on this worker; allowed: {sorted(ALLOWED_TASKS)}")
         if job.args or set(job.kwargs) != {"payload"}:  # the task takes exactly one keyword: the payload
-            raise ConfigError(f"job arguments must be kwargs={{'payload': {{...}}}}; got args={len(job.args)} "
-                              f"kwargs={sorted(job.kwargs)}; submit through kd-client/KDClient")
+            raise ConfigError(
+                f"job arguments must be kwargs={{'payload': {{...}}}}; got args={len(job.args)} "
+                f"kwargs={sorted(job.kwargs)}; submit through kd-client/KDClient"
+            )
         super().prepare_job_execution(job, remove_from_intermediate_queue)
 
     def _finalize_failure(self, job: Job, queue, execution: Execution, exc_info) -> None:
@@ -104,9 +116,16 @@ class KDWorker(SimpleWorker):
 
     def health(self) -> dict[str, Any]:
         current = self._current
-        return {"name": self.name, "host": socket.gethostname(), "pid": os.getpid(), "at": time.time(),
-                "state": "busy" if current else "idle", "job_id": current[0].id if current else None,
-                "queues": self.queue_names(), "shutting_down": self.control.shutting_down}
+        return {
+            "name": self.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "at": time.time(),
+            "state": "busy" if current else "idle",
+            "job_id": current[0].id if current else None,
+            "queues": self.queue_names(),
+            "shutting_down": self.control.shutting_down,
+        }
 
     def _beat_once(self) -> None:
         self.connection.set(health_key(self.name), json.dumps(self.health()), ex=self.health_ttl)
@@ -152,8 +171,10 @@ class KDWorker(SimpleWorker):
         deadline = time.monotonic() + self.health_ttl + 1
         while self.connection.exists(health_key(self.name)):
             if time.monotonic() > deadline:
-                raise ConfigError(f"a worker named {self.name!r} is alive (its health key is refreshed); "
-                                  "give this one another KD_WORKER_NAME")
+                raise ConfigError(
+                    f"a worker named {self.name!r} is alive (its health key is refreshed); "
+                    "give this one another KD_WORKER_NAME"
+                )
             time.sleep(0.5)  # waiting for a TTL to lapse
         self.connection.delete(self.key)
 

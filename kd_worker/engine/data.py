@@ -48,8 +48,9 @@ class SoftTargets:
 
     def head(self, n: int) -> "SoftTargets":
         """The targets of the first n response tokens (a response cut to max_seq_length)."""
-        return SoftTargets(*(getattr(self, f)[:n] for f in FIELDS),
-                           uld_mask=None if self.uld_mask is None else self.uld_mask[:n])
+        return SoftTargets(
+            *(getattr(self, f)[:n] for f in FIELDS), uld_mask=None if self.uld_mask is None else self.uld_mask[:n]
+        )
 
 
 FIELDS = ("ids", "logp", "tail", "lse_t", "kd_mask")  # the stored arrays of SoftTargets (uld_mask is derived)
@@ -151,7 +152,9 @@ def collate(seqs: Sequence[Sequence_], pad_id: int = 0, pad_to: int = 8) -> Batc
         inputs=inputs,
         positions=np.concatenate(positions).astype(np.int32),
         labels=np.concatenate(labels).astype(np.int32),
-        targets=SoftTargets(*(np.concatenate([getattr(p, f) for p in parts]) for f in FIELDS), uld_mask=np.concatenate(uld)),
+        targets=SoftTargets(
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in FIELDS), uld_mask=np.concatenate(uld)
+        ),
     )
 
 

@@ -1,7 +1,7 @@
 """One distillation job, end to end: the function `kd-worker distill` and the queue worker share.
 
-    load -> render prompts -> teacher generates (cached) -> teacher scores (cached)
-         -> student sequences -> LoRA training (checkpointed) -> publish gate -> publish
+load -> render prompts -> teacher generates (cached) -> teacher scores (cached)
+     -> student sequences -> LoRA training (checkpointed) -> publish gate -> publish
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -23,17 +22,17 @@ import structlog
 from jobs import publisher
 from jobs.config import KDConfig, resolve_config
 from jobs.errors import ConfigError, DataError, ModelError, ResourceLimitExceeded, raise_if_stopped
+from kd_worker.daemon.runtime import Runtime
 from kd_worker.engine import outputs
 from kd_worker.engine import teacher as T
+from kd_worker.engine.cache import TargetCache, cache_key
 from kd_worker.engine.checkpoints import DirCheckpointStore
 from kd_worker.engine.data import Example, Sequence_, SoftTargets, load_examples, render_prompt, split_examples
 from kd_worker.engine.models import LoadedModel
-from kd_worker.daemon.runtime import Runtime
-from kd_worker.settings import WorkerSettings
-from kd_worker.engine.cache import TargetCache, cache_key
-from kd_worker.engine.types import DistillRequest, Prepared, Scored
 from kd_worker.engine.trainer import Progress, ProgressFn, StopFn, adapter_weights, attach_lora, train
+from kd_worker.engine.types import DistillRequest, Prepared, Scored
 from kd_worker.engine.vocab import VocabPlan, plan_vocabulary
+from kd_worker.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 
@@ -55,7 +54,8 @@ def within_memory_budget(should_stop: StopFn, budget: int | None) -> StopFn:
         if peak > budget:
             raise ResourceLimitExceeded(
                 f"the job reached {peak:,} bytes of MLX memory (models included), over KD_MAX_JOB_MEMORY={budget:,}; "
-                "lower batch_size, max_seq_length, gen_batch_size or gen_max_tokens, or raise the budget")
+                "lower batch_size, max_seq_length, gen_batch_size or gen_max_tokens, or raise the budget"
+            )
         return should_stop()
 
     return check
@@ -75,15 +75,22 @@ def _teacher_prompts(lm: LoadedModel, examples: Sequence[Example], cfg: KDConfig
 
 
 def teacher_responses(
-    lm: LoadedModel, examples: Sequence[Example], prompts: Sequence[list[int]], cfg: KDConfig,
-    cache: TargetCache, progress: ProgressFn, should_stop: StopFn,
+    lm: LoadedModel,
+    examples: Sequence[Example],
+    prompts: Sequence[list[int]],
+    cfg: KDConfig,
+    cache: TargetCache,
+    progress: ProgressFn,
+    should_stop: StopFn,
 ) -> list[list[int]]:
     """Given responses are tokenized; missing ones are generated in batches and cached one by one."""
-    gen = dict(max_tokens=cfg.gen_max_tokens, temp=cfg.gen_temperature, top_k=cfg.gen_top_k, top_p=cfg.gen_top_p, seed=cfg.seed)
+    gen = dict(
+        max_tokens=cfg.gen_max_tokens, temp=cfg.gen_temperature, top_k=cfg.gen_top_k, top_p=cfg.gen_top_p, seed=cfg.seed
+    )
     keys = [cache_key(teacher=lm.identity, prompt=p, gen=gen) for p in prompts]
     responses: list[list[int] | None] = []
     todo: list[int] = []
-    for i, (ex, p) in enumerate(zip(examples, prompts)):
+    for i, (ex, p) in enumerate(zip(examples, prompts, strict=True)):
         if ex.response is not None:
             ids = list(lm.hf_tokenizer.encode(ex.response, add_special_tokens=False)) + [lm.eos_id]
             responses.append(ids[: cfg.max_seq_length - len(p)])
@@ -103,7 +110,9 @@ def teacher_responses(
         batch = todo[start : start + cfg.gen_batch_size]
         mx.random.seed(int(examples[batch[0]].key[:8], 16) ^ cfg.seed)
         budgets = [min(cfg.gen_max_tokens, cfg.max_seq_length - len(prompts[i])) for i in batch]
-        for i, ids in zip(batch, T.generate(lm, [prompts[i] for i in batch], budgets, sampler, cfg.gen_batch_size)):
+        for i, ids in zip(
+            batch, T.generate(lm, [prompts[i] for i in batch], budgets, sampler, cfg.gen_batch_size), strict=True
+        ):
             cache.put_response(keys[i], ids)
             responses[i] = ids
         progress(Progress("generate", min(start + len(batch), len(todo)), len(todo)))
@@ -111,14 +120,20 @@ def teacher_responses(
 
 
 def teacher_targets(
-    lm: LoadedModel, prompts: Sequence[list[int]], responses: Sequence[list[int]], cfg: KDConfig, plan: VocabPlan,
-    cache: TargetCache, progress: ProgressFn, should_stop: StopFn,
+    lm: LoadedModel,
+    prompts: Sequence[list[int]],
+    responses: Sequence[list[int]],
+    cfg: KDConfig,
+    plan: VocabPlan,
+    cache: TargetCache,
+    progress: ProgressFn,
+    should_stop: StopFn,
 ) -> list[SoftTargets]:
     """Sparse soft targets per example; misses are scored in token-budgeted batches and cached."""
     top_k = None if cfg.top_k == "full" else cfg.top_k
     keys = [
         cache_key(teacher=lm.identity, prompt=p, response=r, n_vocab=plan.n_vocab, top_k=top_k, T=cfg.temperature)
-        for p, r in zip(prompts, responses)
+        for p, r in zip(prompts, responses, strict=True)
     ]
     out: list[SoftTargets | None] = [cache.get_targets(k) for k in keys]
     todo = [i for i, t in enumerate(out) if t is None]
@@ -130,7 +145,11 @@ def teacher_targets(
         if tokens < SCORE_TOKENS_PER_BATCH and pos < len(todo) - 1:
             continue
         _check(should_stop())
-        for j, t in zip(batch, T.score(lm, [(prompts[j], responses[j]) for j in batch], plan.n_vocab, top_k, cfg.temperature)):
+        for j, t in zip(
+            batch,
+            T.score(lm, [(prompts[j], responses[j]) for j in batch], plan.n_vocab, top_k, cfg.temperature),
+            strict=True,
+        ):
             cache.put_targets(keys[j], t)
             out[j] = t
         done += len(batch)
@@ -139,8 +158,9 @@ def teacher_targets(
     return out  # type: ignore[return-value]
 
 
-def student_sequences(teacher: LoadedModel, student: LoadedModel, scored: Sequence[Scored], cfg: KDConfig,
-                      plan: VocabPlan) -> list[Sequence_]:
+def student_sequences(
+    teacher: LoadedModel, student: LoadedModel, scored: Sequence[Scored], cfg: KDConfig, plan: VocabPlan
+) -> list[Sequence_]:
     """Same vocabulary: the student's own chat template around the teacher's response ids."""
     if plan.mode == "cross":
         from kd_worker.engine import xtok
@@ -165,12 +185,22 @@ def require_trainable(student: LoadedModel, cfg: KDConfig) -> None:
     if adapter_weights(student.model):
         return
     linear = sorted(n for n, m in student.model.layers[0].named_modules() if n and "Linear" in type(m).__name__)
-    raise ConfigError(f"lora_keys={list(cfg.lora_keys or [])} match no layer of the student {student.path}; "
-                      f"the linear layers of its blocks are {linear}")
+    raise ConfigError(
+        f"lora_keys={list(cfg.lora_keys or [])} match no layer of the student {student.path}; "
+        f"the linear layers of its blocks are {linear}"
+    )
 
 
-def prepare(teacher: LoadedModel, student: LoadedModel, train_ex: list[Example], val_ex: list[Example], cfg: KDConfig,
-            cache: TargetCache, progress: ProgressFn, should_stop: StopFn) -> Prepared:
+def prepare(
+    teacher: LoadedModel,
+    student: LoadedModel,
+    train_ex: list[Example],
+    val_ex: list[Example],
+    cfg: KDConfig,
+    cache: TargetCache,
+    progress: ProgressFn,
+    should_stop: StopFn,
+) -> Prepared:
     """Vocabulary plan, teacher responses and targets (cached), student sequences."""
     plan = plan_vocabulary(teacher, student, allow_cross=True)  # different tokenizers: kd_worker.engine.xtok
     ordered = train_ex + val_ex
@@ -179,14 +209,24 @@ def prepare(teacher: LoadedModel, student: LoadedModel, train_ex: list[Example],
     responses = teacher_responses(teacher, ordered, prompts, cfg, cache, progress, should_stop)
     targets = teacher_targets(teacher, prompts, responses, cfg, plan, cache, progress, should_stop)
     teacher_s = time.perf_counter() - t0
-    scored = [Scored(e, r, t) for e, r, t in zip(ordered, responses, targets)]
+    scored = [Scored(e, r, t) for e, r, t in zip(ordered, responses, targets, strict=True)]
     seqs = student_sequences(teacher, student, scored, cfg, plan)
     return Prepared(plan, targets, seqs[: len(train_ex)], seqs[len(train_ex) :], teacher_s)
 
 
-def conclude(req: DistillRequest, settings: WorkerSettings, cfg: KDConfig, teacher: LoadedModel, student: LoadedModel,
-             data: Prepared, result, store: DirCheckpointStore, skip: str | None, progress: ProgressFn,
-             n_examples: int) -> dict[str, Any]:
+def conclude(
+    req: DistillRequest,
+    settings: WorkerSettings,
+    cfg: KDConfig,
+    teacher: LoadedModel,
+    student: LoadedModel,
+    data: Prepared,
+    result,
+    store: DirCheckpointStore,
+    skip: str | None,
+    progress: ProgressFn,
+    n_examples: int,
+) -> dict[str, Any]:
     """Publish gate, then publish (or record why not); returns the outcome."""
     if req.reuse_outcome and (mine := outputs.own_version(settings.adapters_dir, req)) is not None:
         log.info("run_already_published", run_id=req.run_id, version=mine["version"])
@@ -197,28 +237,48 @@ def conclude(req: DistillRequest, settings: WorkerSettings, cfg: KDConfig, teach
         gate = {"decision": "skip", "reason": skip}
     else:
         progress(Progress("validate", 0, 1))
-        gate = outputs.publish_gate(student, data.val, cfg, data.plan.student_vocab, settings, req.domain, after, identity)
+        gate = outputs.publish_gate(
+            student, data.val, cfg, data.plan.student_vocab, settings, req.domain, after, identity
+        )
     metrics = outputs.metrics_doc(result, gate, n_examples, data)
     outcome = {"domain": req.domain, "run_id": req.run_id, "gate": gate, "before": metrics["before"], "after": after}
     if skip or (gate["decision"] == "reject" and not req.force_publish):
         if not skip:
             publisher.record_rejection(settings.adapters_dir, req.domain, {"job_id": req.job_id, **gate})
         return {**outcome, "published": False}
-    entry = {"job_id": req.job_id, "run_id": req.run_id, **identity, "metrics": {"before": metrics["before"], "after": after},
-             "data": metrics["data"], "gate": gate, "forced": req.force_publish and gate["decision"] == "reject"}
-    config_doc = {"fine_tune_type": "lora", **{k: identity["adapter"][k] for k in ("num_layers", "lora_parameters")},
-                  "kd": {"config": cfg.model_dump(mode="json"), **identity}}
+    entry = {
+        "job_id": req.job_id,
+        "run_id": req.run_id,
+        **identity,
+        "metrics": {"before": metrics["before"], "after": after},
+        "data": metrics["data"],
+        "gate": gate,
+        "forced": req.force_publish and gate["decision"] == "reject",
+    }
+    config_doc = {
+        "fine_tune_type": "lora",
+        **{k: identity["adapter"][k] for k in ("num_layers", "lora_parameters")},
+        "kd": {"config": cfg.model_dump(mode="json"), **identity},
+    }
     progress(Progress("publish", 0, 1))
-    version = publisher.publish(settings.adapters_dir, req.domain,
-                                lambda stage: outputs.write_version(stage, student, cfg, store, config_doc, metrics),
-                                entry, keep=settings.keep_versions)
+    version = publisher.publish(
+        settings.adapters_dir,
+        req.domain,
+        lambda stage: outputs.write_version(stage, student, cfg, store, config_doc, metrics),
+        entry,
+        keep=settings.keep_versions,
+    )
     progress(Progress("publish", 1, 1))
     log.info("distillation_published", domain=req.domain, version=version.number, path=str(version.path))
     return {**outcome, "published": True, "version": version.number, "adapter_path": str(version.path)}
 
 
 def run_distillation(
-    req: DistillRequest, runtime: Runtime, settings: WorkerSettings, progress: ProgressFn, should_stop: StopFn,
+    req: DistillRequest,
+    runtime: Runtime,
+    settings: WorkerSettings,
+    progress: ProgressFn,
+    should_stop: StopFn,
     publish_guard: Callable[[], AbstractContextManager[str | None]] = contextlib.nullcontext,
 ) -> dict[str, Any]:
     """The whole job; returns a JSON-ready outcome (published version, metrics, timings).
@@ -261,5 +321,3 @@ def _finish_run(run_dir: Path, outcome: dict[str, Any]) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     publisher.write_json_atomic(run_dir / "outcome.json", outcome)
     return outcome
-
-

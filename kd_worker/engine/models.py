@@ -96,9 +96,11 @@ def split_model(model: nn.Module) -> tuple[Callable, Callable] | None:
     if inner is None or not hasattr(inner, "embed_tokens"):
         return None
     if getattr(getattr(model, "args", None), "tie_word_embeddings", False):
+
         def head(h):
             return model.model.embed_tokens.as_linear(h)
     elif hasattr(model, "lm_head"):
+
         def head(h):
             return model.lm_head(h)
     else:

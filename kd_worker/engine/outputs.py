@@ -16,16 +16,24 @@ from jobs.config import KDConfig
 from kd_worker.engine.checkpoints import DirCheckpointStore, save_adapter_file
 from kd_worker.engine.data import Sequence_
 from kd_worker.engine.models import LoadedModel
-from kd_worker.settings import WorkerSettings
 from kd_worker.engine.trainer import adapter_weights, evaluate, lora_layer_count
 from kd_worker.engine.vocab import VocabPlan
+from kd_worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
     from kd_worker.engine.types import DistillRequest, Prepared
 
 
-def publish_gate(student: LoadedModel, val: Sequence[Sequence_], cfg: KDConfig, n_vocab: int, settings: WorkerSettings,
-                 domain: str, candidate: dict[str, float], identity: dict[str, Any]) -> dict[str, Any]:
+def publish_gate(
+    student: LoadedModel,
+    val: Sequence[Sequence_],
+    cfg: KDConfig,
+    n_vocab: int,
+    settings: WorkerSettings,
+    domain: str,
+    candidate: dict[str, float],
+    identity: dict[str, Any],
+) -> dict[str, Any]:
     """Compare the candidate with the published adapter of the domain on this job's held-out data."""
     current = publisher.resolve(settings.adapters_dir, domain)
     if current is None:
@@ -46,13 +54,23 @@ def publish_gate(student: LoadedModel, val: Sequence[Sequence_], cfg: KDConfig, 
     regress = candidate["kl"] > baseline["kl"] * (1 + settings.gate_tolerance) + 1e-9
     return {
         "decision": "reject" if regress else "publish",
-        "reason": "higher held-out KL than the published version" if regress else "not worse than the published version",
-        "candidate_kl": candidate["kl"], "published_kl": baseline["kl"], "published_version": current.number,
+        "reason": "higher held-out KL than the published version"
+        if regress
+        else "not worse than the published version",
+        "candidate_kl": candidate["kl"],
+        "published_kl": baseline["kl"],
+        "published_version": current.number,
     }
 
 
-def write_version(stage: Path, student: LoadedModel, cfg: KDConfig, store: DirCheckpointStore,
-                  config_doc: dict[str, Any], metrics: dict[str, Any]) -> None:
+def write_version(
+    stage: Path,
+    student: LoadedModel,
+    cfg: KDConfig,
+    store: DirCheckpointStore,
+    config_doc: dict[str, Any],
+    metrics: dict[str, Any],
+) -> None:
     """Files of one version, mlx-lm's adapter layout (+ KD config, metrics, checkpoints)."""
     save_adapter_file(stage / publisher.WEIGHTS, adapter_weights(student.model))
     publisher.write_json_atomic(stage / publisher.ADAPTER_CONFIG, config_doc)
@@ -77,9 +95,17 @@ def own_version(root: Path, req: DistillRequest) -> dict[str, Any] | None:
             continue
         if entry.get("run_id") == req.run_id:
             metrics = entry.get("metrics", {})
-            return {"domain": req.domain, "run_id": req.run_id, "gate": entry.get("gate", {}),
-                    "before": metrics.get("before", {}), "after": metrics.get("after", {}), "published": True,
-                    "version": v.number, "adapter_path": str(v.path), "seconds": 0.0}
+            return {
+                "domain": req.domain,
+                "run_id": req.run_id,
+                "gate": entry.get("gate", {}),
+                "before": metrics.get("before", {}),
+                "after": metrics.get("after", {}),
+                "published": True,
+                "version": v.number,
+                "adapter_path": str(v.path),
+                "seconds": 0.0,
+            }
     return None
 
 
@@ -87,10 +113,18 @@ def identity_doc(teacher: LoadedModel, student: LoadedModel, cfg: KDConfig, plan
     return {
         "teacher": {"path": str(teacher.path), "identity": teacher.identity},
         "student": {"path": str(student.path), "identity": student.identity},
-        "vocabulary": {"mode": plan.mode, "n_vocab": plan.n_vocab, "teacher_rows": plan.teacher_rows,
-                       "student_rows": plan.student_rows, "student_tokens": plan.student_tokens},
-        "adapter": {"student": student.identity, "num_layers": lora_layer_count(student.model, cfg),
-                    "lora_parameters": cfg.lora_parameters()},
+        "vocabulary": {
+            "mode": plan.mode,
+            "n_vocab": plan.n_vocab,
+            "teacher_rows": plan.teacher_rows,
+            "student_rows": plan.student_rows,
+            "student_tokens": plan.student_tokens,
+        },
+        "adapter": {
+            "student": student.identity,
+            "num_layers": lora_layer_count(student.model, cfg),
+            "lora_parameters": cfg.lora_parameters(),
+        },
     }
 
 
@@ -98,16 +132,28 @@ def metrics_doc(result, gate: dict[str, Any], n_examples: int, data: Prepared) -
     seqs = data.train + data.val
     n_target_tokens = sum(len(t) for t in data.targets)
     return {
-        "train": result.history["train"], "val": result.history["val"],
-        "before": result.history["val"][0], "after": result.history["val"][-1],
+        "train": result.history["train"],
+        "val": result.history["val"],
+        "before": result.history["val"][0],
+        "after": result.history["val"][-1],
         "gate": gate,
-        "data": {"examples": n_examples, "train": len(data.train), "val": len(data.val),
-                 "response_tokens": int(sum(len(s.tokens) - s.resp_start for s in seqs))},
-        "timing": {"teacher_s": data.teacher_s, "train_s": result.seconds, "resumed_from": result.resumed_from,
-                   "train_tokens_per_s": result.tokens / result.seconds if result.seconds else None,
-                   "peak_memory_bytes": mx.get_peak_memory()},
-        "targets": {"tokens": n_target_tokens, "bytes_per_token":
-                    sum(t.nbytes for t in data.targets) / max(n_target_tokens, 1)},
+        "data": {
+            "examples": n_examples,
+            "train": len(data.train),
+            "val": len(data.val),
+            "response_tokens": int(sum(len(s.tokens) - s.resp_start for s in seqs)),
+        },
+        "timing": {
+            "teacher_s": data.teacher_s,
+            "train_s": result.seconds,
+            "resumed_from": result.resumed_from,
+            "train_tokens_per_s": result.tokens / result.seconds if result.seconds else None,
+            "peak_memory_bytes": mx.get_peak_memory(),
+        },
+        "targets": {
+            "tokens": n_target_tokens,
+            "bytes_per_token": sum(t.nbytes for t in data.targets) / max(n_target_tokens, 1),
+        },
         "vocabulary": {"mode": data.plan.mode, "notes": list(data.plan.notes)},
         **({"xtok": _xtok_report(seqs)} if data.plan.mode == "cross" else {}),
     }

@@ -129,7 +129,7 @@ def score(
     flat = np.concatenate(positions).astype(np.int32)
     hidden = hidden_at(lm, mx.array(inputs), mx.array(flat))
     starts = list(range(0, len(flat), SCORE_CHUNK))
-    pending = head_logits(lm, hidden[: SCORE_CHUNK], n_vocab)
+    pending = head_logits(lm, hidden[:SCORE_CHUNK], n_vocab)
     mx.async_eval(pending)
     chunks = []
     for i, _ in enumerate(starts):

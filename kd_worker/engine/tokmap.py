@@ -35,7 +35,7 @@ def byte_level_alphabet() -> tuple[str, ...]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return tuple(chr(c) for _, c in sorted(zip(bs, cs)))
+    return tuple(chr(c) for _, c in sorted(zip(bs, cs, strict=True)))
 
 
 @cache
@@ -66,8 +66,9 @@ def tokenizer_scheme(spec: dict[str, Any]) -> Scheme:
     parts = _components(spec)
     if any(p["type"] == "ByteLevel" for p in parts):
         return "byte_level"
-    if any(p["type"] == "Metaspace" or (p["type"] == "Replace" and "▁" in json.dumps(p, ensure_ascii=False))
-           for p in parts):
+    if any(
+        p["type"] == "Metaspace" or (p["type"] == "Replace" and "▁" in json.dumps(p, ensure_ascii=False)) for p in parts
+    ):
         return "metaspace"
     model = spec.get("model", {}).get("type")
     if model in ("BPE", "Unigram"):

@@ -87,8 +87,12 @@ def lora_layer_count(model: nn.Module, cfg: KDConfig) -> int:
 def to_mx_targets(b: Batch) -> L.Targets:
     t = b.targets
     return L.Targets(
-        ids=mx.array(t.ids), logp=mx.array(t.logp), tail=mx.array(t.tail), lse_t=mx.array(t.lse_t),
-        labels=mx.array(b.labels), kd_mask=mx.array(t.kd_mask),
+        ids=mx.array(t.ids),
+        logp=mx.array(t.logp),
+        tail=mx.array(t.tail),
+        lse_t=mx.array(t.lse_t),
+        labels=mx.array(b.labels),
+        kd_mask=mx.array(t.kd_mask),
     )
 
 
@@ -105,11 +109,17 @@ def _chunk(n_vocab: int) -> int:
 def head_sums(lm: LoadedModel, h: mx.array, t: L.Targets, n_vocab: int, cfg: KDConfig) -> list[mx.array]:
     """[kd, ce, kd_n, n] sums through autodiff (any divergence). The LM head runs only on response
     positions, in chunks recomputed in the backward pass (mx.checkpoint) past the memory budget."""
+
     def part(hc, ids, logp, tail, lse_t, labels, kd_mask):
         # mx.checkpoint differentiates w.r.t. every input; integer ids have no gradient
         ids, labels = mx.stop_gradient(ids), mx.stop_gradient(labels)
-        sums = L.loss_sums(head_logits(lm, hc, n_vocab), L.Targets(ids, logp, tail, lse_t, labels, kd_mask),
-                           cfg.temperature, cfg.divergence, cfg.jsd_beta)
+        sums = L.loss_sums(
+            head_logits(lm, hc, n_vocab),
+            L.Targets(ids, logp, tail, lse_t, labels, kd_mask),
+            cfg.temperature,
+            cfg.divergence,
+            cfg.jsd_beta,
+        )
         return list(sums)[:4]
 
     n, chunk = h.shape[0], _chunk(n_vocab)
@@ -118,12 +128,13 @@ def head_sums(lm: LoadedModel, h: mx.array, t: L.Targets, n_vocab: int, cfg: KDC
     fn = mx.checkpoint(part)
     acc = [mx.array(0.0)] * 4
     for s in range(0, n, chunk):
-        acc = [a + b for a, b in zip(acc, fn(h[s : s + chunk], *(x[s : s + chunk] for x in t)))]
+        acc = [a + b for a, b in zip(acc, fn(h[s : s + chunk], *(x[s : s + chunk] for x in t)), strict=True)]
     return acc
 
 
-def uld_sums(lm: LoadedModel, h: mx.array, t: L.Targets, uld: mx.array | None, n_vocab: int,
-             cfg: KDConfig) -> tuple[mx.array, mx.array]:
+def uld_sums(
+    lm: LoadedModel, h: mx.array, t: L.Targets, uld: mx.array | None, n_vocab: int, cfg: KDConfig
+) -> tuple[mx.array, mx.array]:
     """ULD rows (cross-tokenizer, unaligned) get a second, small head pass; often there are none."""
     if uld is None or uld.shape[0] == 0:
         return mx.array(0.0), mx.array(0.0)
@@ -131,14 +142,22 @@ def uld_sums(lm: LoadedModel, h: mx.array, t: L.Targets, uld: mx.array | None, n
     return d.sum(), mx.array(float(uld.shape[0]))
 
 
-def sums_at(lm: LoadedModel, h: mx.array, t: L.Targets, n_vocab: int, cfg: KDConfig,
-            uld: mx.array | None = None) -> L.LossSums:
+def sums_at(
+    lm: LoadedModel, h: mx.array, t: L.Targets, n_vocab: int, cfg: KDConfig, uld: mx.array | None = None
+) -> L.LossSums:
     """All loss sums for hidden states h at the response positions (autodiff path, any divergence)."""
     return L.LossSums(*head_sums(lm, h, t, n_vocab, cfg), *uld_sums(lm, h, t, uld, n_vocab, cfg))
 
 
-def batch_sums(lm: LoadedModel, inputs: mx.array, positions: mx.array, t: L.Targets, n_vocab: int, cfg: KDConfig,
-               uld: mx.array | None = None) -> L.LossSums:
+def batch_sums(
+    lm: LoadedModel,
+    inputs: mx.array,
+    positions: mx.array,
+    t: L.Targets,
+    n_vocab: int,
+    cfg: KDConfig,
+    uld: mx.array | None = None,
+) -> L.LossSums:
     return sums_at(lm, hidden_at(lm, inputs, positions), t, n_vocab, cfg, uld)
 
 
@@ -148,12 +167,14 @@ def fused_ok(lm: LoadedModel, cfg: KDConfig) -> bool:
     return cfg.divergence == "forward_kl" and not tree_flatten(head.trainable_parameters())
 
 
-def fused_head_loss(lm: LoadedModel, h: mx.array, t: L.Targets, n_vocab: int, cfg: KDConfig,
-                    kd_w: mx.array, ce_w: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+def fused_head_loss(
+    lm: LoadedModel, h: mx.array, t: L.Targets, n_vocab: int, cfg: KDConfig, kd_w: mx.array, ce_w: mx.array
+) -> tuple[mx.array, mx.array, mx.array]:
     """(kd_w * sum KL + ce_w * sum CE, sum KL, sum CE) with dL/dh computed in the forward pass:
     per chunk the logits, one exp, the loss and its closed-form logit gradient
     (losses.forward_kl_ce_grad), then dL/dh through the head. No [N, V] array outlives its chunk
     and nothing is recomputed in the backward pass (autodiff + checkpointing does it all twice)."""
+
     def head(hc):
         return head_logits(lm, hc, n_vocab)
 
@@ -176,8 +197,9 @@ def fused_head_loss(lm: LoadedModel, h: mx.array, t: L.Targets, n_vocab: int, cf
     return total, kl_sum, ce_sum
 
 
-def train_loss(lm: LoadedModel, x: mx.array, pos: mx.array, t: L.Targets, n_vocab: int, cfg: KDConfig,
-               uld: mx.array | None = None) -> tuple[mx.array, L.LossSums]:
+def train_loss(
+    lm: LoadedModel, x: mx.array, pos: mx.array, t: L.Targets, n_vocab: int, cfg: KDConfig, uld: mx.array | None = None
+) -> tuple[mx.array, L.LossSums]:
     """The training objective (losses.combine) and its sums; fused when the configuration allows."""
     h = hidden_at(lm, x, pos)
     if not fused_ok(lm, cfg):
@@ -207,17 +229,28 @@ def evaluate(lm: LoadedModel, seqs: Sequence[Sequence_], cfg: KDConfig, n_vocab:
         sums = sums_at(lm, h, t, n_vocab, cfg, uld_rows(b))
         kl, top1 = L.agreement_sums(head_logits(lm, h, n_vocab), t)
         mx.eval(*sums, kl, top1)
-        tot += [sums.kd.item(), sums.ce.item(), sums.kd_n.item(), sums.n.item(), kl.item(), top1.item(),
-                sums.uld.item(), sums.uld_n.item()]
+        tot += [
+            sums.kd.item(),
+            sums.ce.item(),
+            sums.kd_n.item(),
+            sums.n.item(),
+            kl.item(),
+            top1.item(),
+            sums.uld.item(),
+            sums.uld_n.item(),
+        ]
     if was_training:
         lm.model.train()
     kd_sum, ce_sum, kd_n, n, kl, top1, uld_sum, uld_n = tot
     kd, ce = kd_sum / max(kd_n, 1), ce_sum / max(n, 1)
     teach = (cfg.temperature**2 * kd_sum + cfg.xtok_uld_weight * uld_sum) / max(kd_n + uld_n, 1)
     out = {
-        "kd": kd, "ce": ce,
+        "kd": kd,
+        "ce": ce,
         "total": cfg.alpha * teach + (1 - cfg.alpha) * ce,
-        "kl": kl / max(kd_n, 1), "top1": top1 / max(kd_n, 1), "tokens": n,
+        "kl": kl / max(kd_n, 1),
+        "top1": top1 / max(kd_n, 1),
+        "tokens": n,
     }
     if uld_n:  # cross-tokenizer runs: unaligned positions and the share aligned (KL/top-1 are over aligned ones)
         out.update(uld=uld_sum / uld_n, aligned=kd_n / max(n, 1))
@@ -308,8 +341,13 @@ def train(
         _check_finite(loss.item(), done, cfg, last_saved)
         tokens += b.n_tokens
         rate = tokens / (time.perf_counter() - t0)
-        row = {"step": done, "loss": loss.item(), "kd": sums.kd.item() / max(sums.kd_n.item(), 1),
-               "ce": sums.ce.item() / max(sums.n.item(), 1), "tokens": b.n_tokens}
+        row = {
+            "step": done,
+            "loss": loss.item(),
+            "kd": sums.kd.item() / max(sums.kd_n.item(), 1),
+            "ce": sums.ce.item() / max(sums.n.item(), 1),
+            "tokens": b.n_tokens,
+        }
         if sums.uld_n.item():
             row["uld"] = sums.uld.item() / sums.uld_n.item()
         history["train"].append(row)

@@ -39,5 +39,3 @@ class Prepared:
     train: list[Sequence_]
     val: list[Sequence_]
     teacher_s: float
-
-

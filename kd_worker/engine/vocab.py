@@ -59,7 +59,10 @@ def plan_vocabulary(teacher: Any, student: Any, allow_cross: bool) -> VocabPlan:
     else:
         same, notes = compare_tokenizers(teacher.hf_tokenizer, student.hf_tokenizer)
     sizes = dict(
-        teacher_tokens=teacher.n_tokens, student_tokens=student.n_tokens, teacher_rows=teacher.rows, student_rows=student.rows
+        teacher_tokens=teacher.n_tokens,
+        student_tokens=student.n_tokens,
+        teacher_rows=teacher.rows,
+        student_rows=student.rows,
     )
     if same:
         mode = "direct" if teacher.rows == student.rows else "sliced"  # both cut to n_tokens either way

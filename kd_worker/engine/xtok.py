@@ -48,8 +48,8 @@ from kd_worker.engine.tokmap import TokenPair, pair_for
 
 if TYPE_CHECKING:
     from jobs.config import KDConfig
-    from kd_worker.engine.types import Scored
     from kd_worker.engine.models import LoadedModel
+    from kd_worker.engine.types import Scored
     from kd_worker.engine.vocab import VocabPlan
 
 log = structlog.get_logger(__name__)
@@ -209,8 +209,14 @@ def project(
         own_tail = np.exp(t.lse_t.astype(np.float64)) - (p ** (1.0 / temperature)).sum(axis=1)
         own_tail = np.where(np.isneginf(t.tail), 0.0, np.maximum(own_tail, 0.0))
         lse = np.log(z + (unmapped ** (1.0 / temperature)).sum(axis=1) + own_tail)
-    out = SoftTargets(ids, logp.astype(np.float32), np.log(np.maximum(tail, TAIL_FLOOR)).astype(np.float32),
-                      lse.astype(np.float32), np.ones(n, np.float32), np.zeros(n, np.float32))
+    out = SoftTargets(
+        ids,
+        logp.astype(np.float32),
+        np.log(np.maximum(tail, TAIL_FLOOR)).astype(np.float32),
+        lse.astype(np.float32),
+        np.ones(n, np.float32),
+        np.zeros(n, np.float32),
+    )
     return out, kept / np.maximum(p.sum(axis=1), 1e-30)
 
 
@@ -239,8 +245,14 @@ class AlignedSequence(Sequence_):
 Row = tuple[int, int, float, bool]  # (student position, teacher position, chain log-prob or NaN, merged span?)
 
 
-def _plan_rows(groups: list[Group], t: SoftTargets, t_ids: Sequence[int], t_spans: np.ndarray, t_bad: np.ndarray,
-               s_spans: np.ndarray) -> tuple[list[Row], list[tuple[int, int | None]]]:
+def _plan_rows(
+    groups: list[Group],
+    t: SoftTargets,
+    t_ids: Sequence[int],
+    t_spans: np.ndarray,
+    t_bad: np.ndarray,
+    s_spans: np.ndarray,
+) -> tuple[list[Row], list[tuple[int, int | None]]]:
     """(aligned rows, other student positions with their ULD anchor). A merged span whose chain is
     unknown (a token outside the top-k) is not aligned."""
     aligned: list[Row] = []
@@ -253,13 +265,20 @@ def _plan_rows(groups: list[Group], t: SoftTargets, t_ids: Sequence[int], t_span
             aligned.append((i0, j0, np.nan if chain is None else chain, j1 - j0 > 1))
             continue
         for i in range(i0, i1):
-            start, end = (s_spans[i] if i < len(s_spans) else (0, 0))
+            start, end = s_spans[i] if i < len(s_spans) else (0, 0)
             other.append((i, anchor(t_spans, int(start)) if end > start else None))
     return aligned, other
 
 
-def _project_rows(pair: TokenPair, t: SoftTargets, t_ids: Sequence[int], s_ids: Sequence[int], aligned: list[Row],
-                  phantom: bool, temperature: float) -> tuple[np.ndarray, SoftTargets, np.ndarray, np.ndarray]:
+def _project_rows(
+    pair: TokenPair,
+    t: SoftTargets,
+    t_ids: Sequence[int],
+    s_ids: Sequence[int],
+    aligned: list[Row],
+    phantom: bool,
+    temperature: float,
+) -> tuple[np.ndarray, SoftTargets, np.ndarray, np.ndarray]:
     """(student positions, their projected rows, mapped share, merged span?) for the aligned rows."""
     si, tj = np.array([a[0] for a in aligned]), np.array([a[1] for a in aligned])
     sid = pair.map_ids(t.ids[tj])
@@ -272,8 +291,13 @@ def _project_rows(pair: TokenPair, t: SoftTargets, t_ids: Sequence[int], s_ids: 
 
 
 def carry_targets(
-    pair: TokenPair, t: SoftTargets, t_ids: Sequence[int], s_ids: Sequence[int], stopped: bool,
-    unaligned: Literal["ce", "uld"], temperature: float,
+    pair: TokenPair,
+    t: SoftTargets,
+    t_ids: Sequence[int],
+    s_ids: Sequence[int],
+    stopped: bool,
+    unaligned: Literal["ce", "uld"],
+    temperature: float,
 ) -> tuple[SoftTargets, np.ndarray, np.ndarray]:
     """Student-side targets [len(s_ids), K] from the teacher's [len(t_ids), K] over the same text
     (with `stopped`, both lists end with their end-of-turn token), the KIND_* of each position
@@ -287,8 +311,14 @@ def carry_targets(
         t_bad = np.append(t_bad, False)
     aligned, other = _plan_rows(groups, t, t_ids, t_spans, t_bad, s_spans)
     n, k = len(s_ids), t.ids.shape[1]
-    out = SoftTargets(np.zeros((n, k), np.int32), np.full((n, k), -np.inf, np.float32), np.full(n, -np.inf, np.float32),
-                      np.zeros(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32))
+    out = SoftTargets(
+        np.zeros((n, k), np.int32),
+        np.full((n, k), -np.inf, np.float32),
+        np.full(n, -np.inf, np.float32),
+        np.zeros(n, np.float32),
+        np.zeros(n, np.float32),
+        np.zeros(n, np.float32),
+    )
     out.logp[:, 0] = 0.0  # CE-only rows: a harmless one-slot distribution, masked out of the KD term
     kinds, mapped = np.full(n, KIND_CE, np.int8), np.zeros(n)
     if aligned:
@@ -342,23 +372,33 @@ def coverage_report(seqs: Sequence[Sequence_]) -> dict[str, Any]:
     """Share of student response positions aligned and of teacher (support) mass mapped there."""
     kinds = np.concatenate([getattr(s, "kinds", np.zeros(0, np.int8)) for s in seqs] or [np.zeros(0, np.int8)])
     mapped = np.concatenate([getattr(s, "mapped", np.zeros(0)) for s in seqs] or [np.zeros(0)])
-    counts = {name: int(np.sum(kinds == code)) for name, code in
-              (("one_to_one", KIND_ONE), ("merged", KIND_MERGED), ("uld", KIND_ULD), ("ce_only", KIND_CE))}
+    counts = {
+        name: int(np.sum(kinds == code))
+        for name, code in (("one_to_one", KIND_ONE), ("merged", KIND_MERGED), ("uld", KIND_ULD), ("ce_only", KIND_CE))
+    }
     aligned = counts["one_to_one"] + counts["merged"]
-    return {"positions": int(kinds.size), **counts, "aligned": aligned,
-            "share_aligned": aligned / max(kinds.size, 1),
-            "mass_mapped": float(mapped[kinds >= KIND_ONE].sum() / max(aligned, 1)) if aligned else 0.0}
+    return {
+        "positions": int(kinds.size),
+        **counts,
+        "aligned": aligned,
+        "share_aligned": aligned / max(kinds.size, 1),
+        "mass_mapped": float(mapped[kinds >= KIND_ONE].sum() / max(aligned, 1)) if aligned else 0.0,
+    }
 
 
 def check_coverage(report: dict[str, Any], cfg: KDConfig) -> None:
-    low = [f"{name} {report[key]:.1%}" for key, name in
-           (("share_aligned", "response positions aligned"), ("mass_mapped", "teacher mass mapped"))
-           if report[key] < cfg.xtok_min_coverage]
+    low = [
+        f"{name} {report[key]:.1%}"
+        for key, name in (("share_aligned", "response positions aligned"), ("mass_mapped", "teacher mass mapped"))
+        if report[key] < cfg.xtok_min_coverage
+    ]
     if not low:
         return
-    msg = (f"cross-tokenizer coverage below xtok_min_coverage={cfg.xtok_min_coverage}: {', '.join(low)}. "
-           "The student's tokenizer splits the teacher's text too differently for token-level KD; use a student "
-           "whose tokenizer is closer to the teacher's, lower xtok_min_coverage, or set xtok_low_coverage=warn")
+    msg = (
+        f"cross-tokenizer coverage below xtok_min_coverage={cfg.xtok_min_coverage}: {', '.join(low)}. "
+        "The student's tokenizer splits the teacher's text too differently for token-level KD; use a student "
+        "whose tokenizer is closer to the teacher's, lower xtok_min_coverage, or set xtok_low_coverage=warn"
+    )
     if cfg.xtok_low_coverage == "warn":
         log.warning("xtok_low_coverage", **{k: report[k] for k in ("share_aligned", "mass_mapped")})
         return
@@ -380,7 +420,11 @@ def text_coverage(pair: TokenPair, teacher_hf: Any, student_hf: Any, texts: Sequ
                 aligned += 1
                 merged += g.teacher[1] - g.teacher[0] > 1
         n, t_n, t_mapped = n + len(s_ids), t_n + len(t_ids), t_mapped + int(np.sum(pair.tmap[t_ids] >= 0))
-    return {"student_tokens": n, "teacher_tokens": t_n, "share_aligned": aligned / max(n, 1),
-            "merged": merged / max(n, 1), "teacher_tokens_mapped": t_mapped / max(t_n, 1),
-            "vocab_mapped": float(np.mean(pair.tmap[: len(pair.teacher.pieces)] >= 0))}
-
+    return {
+        "student_tokens": n,
+        "teacher_tokens": t_n,
+        "share_aligned": aligned / max(n, 1),
+        "merged": merged / max(n, 1),
+        "teacher_tokens_mapped": t_mapped / max(t_n, 1),
+        "vocab_mapped": float(np.mean(pair.tmap[: len(pair.teacher.pieces)] >= 0)),
+    }

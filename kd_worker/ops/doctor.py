@@ -85,8 +85,13 @@ def run_checks(settings: WorkerSettings, blas: BlasInfo) -> list[Check]:
         checks.append(Check("blas", status, f"{library or 'unknown'} (OPENBLAS_CORETYPE={blas.coretype}); {blas.note}"))
         gf, gf_np = matmul_gflops()
         ratio = gf_np / gf
-        checks.append(Check("matmul fp32 1024²", "ok" if ratio <= 2.0 else "fail",
-                            f"MLX {gf:.0f} GFLOP/s vs numpy {gf_np:.0f} GFLOP/s ({ratio:.2f}x slower; target <= 2x)"))
+        checks.append(
+            Check(
+                "matmul fp32 1024²",
+                "ok" if ratio <= 2.0 else "fail",
+                f"MLX {gf:.0f} GFLOP/s vs numpy {gf_np:.0f} GFLOP/s ({ratio:.2f}x slower; target <= 2x)",
+            )
+        )
     else:
         checks.append(Check("blas", "ok", blas.note))
     checks.append(_redis_check(settings.redis_url))

@@ -77,36 +77,56 @@ def _write(path: Path, text: str, mode: int) -> None:
 def _execute(argv: tuple[str, ...], quiet: bool) -> int:
     """The only place a command runs; dry runs never reach it."""
     if shutil.which(argv[0]) is None:
-        raise ConfigError(f"{argv[0]} not found: this machine does not run that service manager; "
-                          "use --dry-run DIR (and --manager) to render the files only")
+        raise ConfigError(
+            f"{argv[0]} not found: this machine does not run that service manager; "
+            "use --dry-run DIR (and --manager) to render the files only"
+        )
     return subprocess.run(list(argv), capture_output=quiet, check=False).returncode
 
 
-def run_service(action: str, settings: WorkerSettings, *, dry_run: Path | None = None, system: bool = False,
-                with_redis: bool = False, manager: Manager | None = None) -> int:
+def run_service(
+    action: str,
+    settings: WorkerSettings,
+    *,
+    dry_run: Path | None = None,
+    system: bool = False,
+    with_redis: bool = False,
+    manager: Manager | None = None,
+) -> int:
     """`kd-worker service ACTION`: plan, then apply (or print, with dry_run). Returns the exit code."""
     host = host_for(manager, system)
     if host.system and dry_run is None and os.geteuid() != 0:
-        raise ConfigError("--system writes to /etc/systemd/system: run it as root "
-                          "(sudo -E keeps the KD_* settings the unit should carry)")
+        raise ConfigError(
+            "--system writes to /etc/systemd/system: run it as root "
+            "(sudo -E keeps the KD_* settings the unit should carry)"
+        )
     return apply(plan(action, host, settings, with_redis), dry_run)
 
 
 def cmd_service(args: argparse.Namespace, settings: WorkerSettings, blas: object = None) -> int:
-    return run_service(args.action, settings, dry_run=args.dry_run, system=args.system,
-                       with_redis=args.redis, manager=args.manager)
+    return run_service(
+        args.action, settings, dry_run=args.dry_run, system=args.system, with_redis=args.redis, manager=args.manager
+    )
 
 
 def add_service_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `kd-worker service` on the CLI's subparsers (dispatches through `cmd_service`)."""
-    s = subparsers.add_parser("service", help="install/uninstall/show the worker as a launchd agent (macOS) "
-                                              "or systemd unit (Linux)")
+    s = subparsers.add_parser(
+        "service", help="install/uninstall/show the worker as a launchd agent (macOS) or systemd unit (Linux)"
+    )
     s.add_argument("action", choices=ACTIONS)
-    s.add_argument("--dry-run", metavar="DIR", type=Path,
-                   help="render the files into DIR and print the commands; change nothing")
+    s.add_argument(
+        "--dry-run", metavar="DIR", type=Path, help="render the files into DIR and print the commands; change nothing"
+    )
     s.add_argument("--system", action="store_true", help="systemd: a system unit (as root) instead of a user unit")
-    s.add_argument("--redis", action="store_true",
-                   help="also manage a Redis running launchd/redis.conf (kd-redis agent or user unit)")
-    s.add_argument("--manager", choices=("launchd", "systemd"),
-                   help="default: launchd on macOS, systemd elsewhere (render the other with --dry-run)")
+    s.add_argument(
+        "--redis",
+        action="store_true",
+        help="also manage a Redis running launchd/redis.conf (kd-redis agent or user unit)",
+    )
+    s.add_argument(
+        "--manager",
+        choices=("launchd", "systemd"),
+        help="default: launchd on macOS, systemd elsewhere (render the other with --dry-run)",
+    )
     s.set_defaults(func=cmd_service)

@@ -107,26 +107,37 @@ class Host:
 
     @property
     def env_file(self) -> Path:
-        return Path("/etc/kd-daemon/kd-worker.env") if self.system else self.home / ".config" / "kd-daemon" / "kd-worker.env"
+        return (
+            Path("/etc/kd-daemon/kd-worker.env")
+            if self.system
+            else self.home / ".config" / "kd-daemon" / "kd-worker.env"
+        )
 
     def systemctl(self, *args: str) -> tuple[str, ...]:
         return ("systemctl", *args) if self.system else ("systemctl", "--user", *args)
 
 
-def host_for(manager: Manager | None = None, system: bool = False, kd_worker: Path | None = None,
-             home: Path | None = None) -> Host:
+def host_for(
+    manager: Manager | None = None, system: bool = False, kd_worker: Path | None = None, home: Path | None = None
+) -> Host:
     """This machine's Host: launchd on macOS, systemd elsewhere, unless `manager` says otherwise."""
     manager = manager or ("launchd" if sys.platform == "darwin" else "systemd")
     if system and manager == "launchd":
-        raise ConfigError("--system is for systemd: on macOS kd-worker installs as a LaunchAgent of the "
-                          "logged-in user (gui domain); drop --system")
+        raise ConfigError(
+            "--system is for systemd: on macOS kd-worker installs as a LaunchAgent of the "
+            "logged-in user (gui domain); drop --system"
+        )
     if not TEMPLATES.is_dir():
-        raise ConfigError(f"service templates not found in {TEMPLATES}: `kd-worker service` runs from a clone "
-                          "of kd-daemon installed with `pip install -e .`")
+        raise ConfigError(
+            f"service templates not found in {TEMPLATES}: `kd-worker service` runs from a clone "
+            "of kd-daemon installed with `pip install -e .`"
+        )
     exe = kd_worker or Path(sys.executable).parent / "kd-worker"  # the venv's bin dir, symlinks kept
     if not exe.is_file():
-        raise ConfigError(f"{exe} does not exist: install kd-daemon into this virtualenv (`pip install -e .`) "
-                          "and run `kd-worker service` from it")
+        raise ConfigError(
+            f"{exe} does not exist: install kd-daemon into this virtualenv (`pip install -e .`) "
+            "and run `kd-worker service` from it"
+        )
     redis = shutil.which("redis-server")
     return Host(manager, system, REPO, exe, home or Path.home(), os.getuid(), Path(redis) if redis else None)
 
@@ -179,24 +190,42 @@ def _checked_plist(text: str, name: str) -> str:
 
 
 def render_worker_plist(host: Host, settings: WorkerSettings) -> str:
-    env = "\n".join(f"        <key>{_x(k)}</key>\n        <string>{_x(v)}</string>"
-                    for k, v in service_env(settings).items())
-    text = _fill(f"{LABEL}.plist.in", label=LABEL, kd_worker=_x(host.kd_worker), repo=_x(host.repo),
-                 environment=env, throttle=THROTTLE_S, grace=settings.shutdown_grace, log_dir=_x(host.log_dir))
+    env = "\n".join(
+        f"        <key>{_x(k)}</key>\n        <string>{_x(v)}</string>" for k, v in service_env(settings).items()
+    )
+    text = _fill(
+        f"{LABEL}.plist.in",
+        label=LABEL,
+        kd_worker=_x(host.kd_worker),
+        repo=_x(host.repo),
+        environment=env,
+        throttle=THROTTLE_S,
+        grace=settings.shutdown_grace,
+        log_dir=_x(host.log_dir),
+    )
     return _checked_plist(text, f"{LABEL}.plist")
 
 
 def render_redis_plist(host: Host) -> str:
-    text = _fill(f"{REDIS_LABEL}.plist.in", label=REDIS_LABEL, redis_server=_x(_redis_server(host)),
-                 redis_conf=_x(TEMPLATES / "redis.conf"), data_dir=_x(host.redis_data), throttle=THROTTLE_S,
-                 stop_timeout=REDIS_STOP_S, log_dir=_x(host.log_dir))
+    text = _fill(
+        f"{REDIS_LABEL}.plist.in",
+        label=REDIS_LABEL,
+        redis_server=_x(_redis_server(host)),
+        redis_conf=_x(TEMPLATES / "redis.conf"),
+        data_dir=_x(host.redis_data),
+        throttle=THROTTLE_S,
+        stop_timeout=REDIS_STOP_S,
+        log_dir=_x(host.log_dir),
+    )
     return _checked_plist(text, f"{REDIS_LABEL}.plist")
 
 
 def _redis_server(host: Host) -> Path:
     if host.redis_server is None:
-        raise ConfigError("redis-server not found on PATH: `brew install redis` (macOS) or "
-                          "`apt-get install redis-server` (Debian/Ubuntu)")
+        raise ConfigError(
+            "redis-server not found on PATH: `brew install redis` (macOS) or "
+            "`apt-get install redis-server` (Debian/Ubuntu)"
+        )
     return host.redis_server
 
 
@@ -232,20 +261,44 @@ def render_worker_unit(host: Host, settings: WorkerSettings, with_redis: bool) -
         ordering = f"After={REDIS_UNIT}\nWants={REDIS_UNIT}"
         run_as = "# A user unit runs as the user whose manager runs it."
     else:
-        ordering = ("# A user unit cannot be ordered after the system's redis-server.service; the worker waits\n"
-                    "# for Redis at start-up instead (--redis adds a user-level Redis to order after).")
+        ordering = (
+            "# A user unit cannot be ordered after the system's redis-server.service; the worker waits\n"
+            "# for Redis at start-up instead (--redis adds a user-level Redis to order after)."
+        )
         run_as = "# A user unit runs as the user whose manager runs it."
-    return _fill("kd-worker.service.in", docs=_docs(host), redis_ordering=ordering, run_as=run_as,
-                 repo=_unit_value(host.repo), env_file=_unit_value(host.env_file),
-                 exec_start=_exec_line([host.kd_worker, "run"]), throttle=THROTTLE_S,
-                 grace=settings.shutdown_grace, wanted_by="multi-user.target" if host.system else "default.target")
+    return _fill(
+        "kd-worker.service.in",
+        docs=_docs(host),
+        redis_ordering=ordering,
+        run_as=run_as,
+        repo=_unit_value(host.repo),
+        env_file=_unit_value(host.env_file),
+        exec_start=_exec_line([host.kd_worker, "run"]),
+        throttle=THROTTLE_S,
+        grace=settings.shutdown_grace,
+        wanted_by="multi-user.target" if host.system else "default.target",
+    )
 
 
 def render_redis_unit(host: Host) -> str:
-    argv = [_redis_server(host), TEMPLATES / "redis.conf", "--dir", host.redis_data,
-            "--supervised", "systemd", "--daemonize", "no"]
-    return _fill("kd-redis.service.in", docs=_docs(host), exec_start=_exec_line(argv),
-                 throttle=THROTTLE_S, stop_timeout=REDIS_STOP_S, wanted_by="default.target")
+    argv = [
+        _redis_server(host),
+        TEMPLATES / "redis.conf",
+        "--dir",
+        host.redis_data,
+        "--supervised",
+        "systemd",
+        "--daemonize",
+        "no",
+    ]
+    return _fill(
+        "kd-redis.service.in",
+        docs=_docs(host),
+        exec_start=_exec_line(argv),
+        throttle=THROTTLE_S,
+        stop_timeout=REDIS_STOP_S,
+        wanted_by="default.target",
+    )
 
 
 def render_env_file(settings: WorkerSettings) -> str:
@@ -271,8 +324,10 @@ def plan(action: str, host: Host, settings: WorkerSettings, with_redis: bool = F
     if host.manager == "launchd":
         return _plan_launchd(action, host, settings, with_redis)
     if host.system and with_redis:
-        raise ConfigError("--redis manages a user-level Redis; with --system use the distribution's "
-                          f"{SYSTEM_REDIS_UNIT} with launchd/redis.conf included (see launchd/README.md)")
+        raise ConfigError(
+            "--redis manages a user-level Redis; with --system use the distribution's "
+            f"{SYSTEM_REDIS_UNIT} with launchd/redis.conf included (see launchd/README.md)"
+        )
     return _plan_systemd(action, host, settings, with_redis)
 
 
@@ -281,44 +336,72 @@ def _plan_launchd(action: str, host: Host, settings: WorkerSettings, with_redis:
     if with_redis:
         agents.append((REDIS_LABEL, host.agents_dir / f"{REDIS_LABEL}.plist"))
     if action == "status":
-        return [s for label, path in agents for s in (
-            Note(f"{path}: {'present' if path.exists() else 'missing'}"),
-            Run(("launchctl", "print", f"{host.domain}/{label}"), on_error="report"))]
+        return [
+            s
+            for label, path in agents
+            for s in (
+                Note(f"{path}: {'present' if path.exists() else 'missing'}"),
+                Run(("launchctl", "print", f"{host.domain}/{label}"), on_error="report"),
+            )
+        ]
     if action == "uninstall":  # the worker first: it stops (checkpointing) before its Redis goes
-        steps: list[Step] = [s for label, path in agents for s in (
-            Run(("launchctl", "bootout", f"{host.domain}/{label}"), on_error="ignore"), Remove(path))]
-        return steps + [Note(f"kept the logs in {host.log_dir}" + (f" and the Redis data in {host.redis_data}"
-                                                                      if with_redis else ""))]
+        steps: list[Step] = [
+            s
+            for label, path in agents
+            for s in (Run(("launchctl", "bootout", f"{host.domain}/{label}"), on_error="ignore"), Remove(path))
+        ]
+        return steps + [
+            Note(
+                f"kept the logs in {host.log_dir}" + (f" and the Redis data in {host.redis_data}" if with_redis else "")
+            )
+        ]
     worker_plist = agents[0][1]
     steps = [MakeDir(host.log_dir), Run(("launchctl", "bootout", f"{host.domain}/{LABEL}"), on_error="ignore")]
     if with_redis:
         redis_plist = agents[1][1]
-        steps += [MakeDir(host.redis_data), Write(redis_plist, render_redis_plist(host)),
-                  Run(("launchctl", "bootout", f"{host.domain}/{REDIS_LABEL}"), on_error="ignore"),
-                  *_bootstrap(host, REDIS_LABEL, redis_plist)]
+        steps += [
+            MakeDir(host.redis_data),
+            Write(redis_plist, render_redis_plist(host)),
+            Run(("launchctl", "bootout", f"{host.domain}/{REDIS_LABEL}"), on_error="ignore"),
+            *_bootstrap(host, REDIS_LABEL, redis_plist),
+        ]
     steps += [Write(worker_plist, render_worker_plist(host, settings), 0o600), *_bootstrap(host, LABEL, worker_plist)]
     target = f"{host.domain}/{LABEL}"
-    return steps + [Note(f"logs: {host.log_dir}/kd-worker.err.log (JSON lines); stop (checkpoint, stays down): "
-                         f"launchctl kill SIGTERM {target}; start: launchctl kickstart {target}")]
+    return steps + [
+        Note(
+            f"logs: {host.log_dir}/kd-worker.err.log (JSON lines); stop (checkpoint, stays down): "
+            f"launchctl kill SIGTERM {target}; start: launchctl kickstart {target}"
+        )
+    ]
 
 
 def _bootstrap(host: Host, label: str, plist: Path) -> list[Step]:
     # `enable` first: a service disabled earlier (launchctl disable) refuses to bootstrap.
-    return [Run(("launchctl", "enable", f"{host.domain}/{label}")), Run(("launchctl", "bootstrap", host.domain, str(plist)))]
+    return [
+        Run(("launchctl", "enable", f"{host.domain}/{label}")),
+        Run(("launchctl", "bootstrap", host.domain, str(plist))),
+    ]
 
 
 def _plan_systemd(action: str, host: Host, settings: WorkerSettings, with_redis: bool) -> list[Step]:
     units = [UNIT, REDIS_UNIT] if with_redis else [UNIT]
     if action == "status":
-        return [s for unit in units for s in (
-            Note(f"{host.unit_dir / unit}: {'present' if (host.unit_dir / unit).exists() else 'missing'}"),
-            Run(host.systemctl("status", "--no-pager", unit), on_error="report"))]
+        return [
+            s
+            for unit in units
+            for s in (
+                Note(f"{host.unit_dir / unit}: {'present' if (host.unit_dir / unit).exists() else 'missing'}"),
+                Run(host.systemctl("status", "--no-pager", unit), on_error="report"),
+            )
+        ]
     if action == "uninstall":
         steps: list[Step] = [Run(host.systemctl("disable", "--now", unit), on_error="ignore") for unit in units]
         steps += [Remove(host.unit_dir / unit) for unit in units] + [Remove(host.env_file)]
         return steps + [Run(host.systemctl("daemon-reload"))]
-    steps = [Write(host.env_file, render_env_file(settings), 0o600),
-             Write(host.unit_dir / UNIT, render_worker_unit(host, settings, with_redis))]
+    steps = [
+        Write(host.env_file, render_env_file(settings), 0o600),
+        Write(host.unit_dir / UNIT, render_worker_unit(host, settings, with_redis)),
+    ]
     if with_redis:
         steps += [MakeDir(host.redis_data), Write(host.unit_dir / REDIS_UNIT, render_redis_unit(host))]
     steps.append(Run(host.systemctl("daemon-reload")))
@@ -327,7 +410,9 @@ def _plan_systemd(action: str, host: Host, settings: WorkerSettings, with_redis:
     # restart, not `enable --now`: a reinstall must pick up the new unit and settings.
     steps += [Run(host.systemctl("enable", UNIT)), Run(host.systemctl("restart", UNIT))]
     scope = "" if host.system else "--user "
-    steps.append(Note(f"logs: journalctl {scope}-u {UNIT} -f; stop (checkpoint, stays down): systemctl {scope}stop {UNIT}"))
+    steps.append(
+        Note(f"logs: journalctl {scope}-u {UNIT} -f; stop (checkpoint, stays down): systemctl {scope}stop {UNIT}")
+    )
     if not host.system:
         steps.append(Note("user units stop at logout unless lingering is on: loginctl enable-linger $USER"))
     return steps

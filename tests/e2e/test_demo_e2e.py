@@ -10,8 +10,13 @@ from helpers import kd_env, venv_bin
 
 def test_demo_runs_end_to_end_and_cleans_up(tmp_path):
     env = kd_env(KD_ADAPTERS_DIR=str(tmp_path / "adapters_kd"))
-    out = subprocess.run([venv_bin("kd-worker"), "demo", "--dir", str(tmp_path / "demo"), "--iterations", "12"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [venv_bin("kd-worker"), "demo", "--dir", str(tmp_path / "demo"), "--iterations", "12"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "published memory v1" in out.stdout and "KL(teacher||student)" in out.stdout
     summary = json.loads((tmp_path / "adapters_kd" / "kd_summary.json").read_text())

@@ -10,9 +10,16 @@ from helpers import kd_env, venv_bin
 
 
 def test_doctor_reports_platform_blas_redis_models_and_dirs(tmp_path, redis_url, models_root):
-    env = kd_env(KD_REDIS_URL=redis_url, KD_TEACHER=str(models_root / "teacher"), KD_STUDENT=str(models_root / "student"),
-                 KD_ADAPTERS_DIR=str(tmp_path / "adapters_kd"), KD_WORK_DIR=str(tmp_path / "work"))
-    out = subprocess.run([venv_bin("kd-worker"), "doctor", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    env = kd_env(
+        KD_REDIS_URL=redis_url,
+        KD_TEACHER=str(models_root / "teacher"),
+        KD_STUDENT=str(models_root / "student"),
+        KD_ADAPTERS_DIR=str(tmp_path / "adapters_kd"),
+        KD_WORK_DIR=str(tmp_path / "work"),
+    )
+    out = subprocess.run(
+        [venv_bin("kd-worker"), "doctor", "--json"], env=env, capture_output=True, text=True, timeout=120
+    )
     checks = {c["name"]: c for c in json.loads(out.stdout)}
     assert {"platform", "mlx", "blas", "redis", "teacher", "student"} <= set(checks)
     assert checks["redis"]["status"] == checks["teacher"]["status"] == "ok"
@@ -25,7 +32,9 @@ def test_doctor_reports_platform_blas_redis_models_and_dirs(tmp_path, redis_url,
 
 def test_doctor_fails_on_a_broken_configuration(tmp_path, redis_url):
     env = kd_env(KD_REDIS_URL=redis_url, KD_TEACHER=str(tmp_path), KD_WORK_DIR=str(tmp_path / "work"))
-    out = subprocess.run([venv_bin("kd-worker"), "doctor", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [venv_bin("kd-worker"), "doctor", "--json"], env=env, capture_output=True, text=True, timeout=120
+    )
     checks = {c["name"]: c for c in json.loads(out.stdout)}
     assert checks["teacher"]["status"] == "fail" and "no config.json" in checks["teacher"]["detail"]
     assert out.returncode == 1

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from helpers import connect, row
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from helpers import connect, row
 from jobs import publisher
 from jobs.models import TASK_FUNC, blob_key
 from kd_client import queue as Q
@@ -30,43 +30,73 @@ from kd_client.settings import ClientSettings
 # 24 prompts x 48 generated tokens in batches of 4, 60 corrections of ~100 tokens (scoring and
 # a 42-sequence held-out set evaluated one sequence at a time), a checkpoint every step and a
 # rank-64 adapter, so the version staged at publish holds 61 adapter files (~60 MB).
-PHASED = {"iterations": 60, "save_every": 1, "val_every": 100000, "val_fraction": 0.5, "gen_max_tokens": 48,
-          "gen_batch_size": 4, "batch_size": 1, "lora_rank": 64}
+PHASED = {
+    "iterations": 60,
+    "save_every": 1,
+    "val_every": 100000,
+    "val_fraction": 0.5,
+    "gen_max_tokens": 48,
+    "gen_batch_size": 4,
+    "batch_size": 1,
+    "lora_rank": 64,
+}
 # A quick job with the same adapter shape (same student, LoRA rank/layers): publishes a first
 # version, so later jobs of the domain run the publish gate's validation against it.
 WARMUP = {"iterations": 4, "save_every": 4, "val_every": 100000, "gen_max_tokens": 8, "lora_rank": 64}
 
 
 def write_prompts(path: Path, n: int, tag: str = "q") -> Path:
-    path.write_text("".join(json.dumps({"prompt": f"{tag} {i}: tell me about item {i * 7} and why"}) + "\n"
-                            for i in range(n)))
+    path.write_text(
+        "".join(json.dumps({"prompt": f"{tag} {i}: tell me about item {i * 7} and why"}) + "\n" for i in range(n))
+    )
     return path
 
 
 def write_corrections(path: Path, n: int, words: int = 60, tag: str = "fact") -> Path:
-    path.write_text("".join(json.dumps({"prompt": f"{tag} {i}", "response": " ".join(f"w{(i * j) % 97}" for j in range(words))})
-                            + "\n" for i in range(n)))
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"{tag} {i}", "response": " ".join(f"w{(i * j) % 97}" for j in range(words))}) + "\n"
+            for i in range(n)
+        )
+    )
     return path
 
 
 def phased_data(tmp: Path) -> dict[str, list[Path]]:
-    return {"prompts": [write_prompts(tmp / "phased-prompts.jsonl", 24)],
-            "corrections": [write_corrections(tmp / "phased-corrections.jsonl", 60)]}
+    return {
+        "prompts": [write_prompts(tmp / "phased-prompts.jsonl", 24)],
+        "corrections": [write_corrections(tmp / "phased-corrections.jsonl", 60)],
+    }
 
 
 # --- Redis side ---------------------------------------------------------------------------------
 def client_settings(env: dict[str, str], **over: Any) -> ClientSettings:
-    return ClientSettings(redis_url=env["KD_REDIS_URL"], spool_dir=Path(env["KD_SPOOL_DIR"]),
-                          adapters_dir=Path(env["KD_ADAPTERS_DIR"]), **over)
+    return ClientSettings(
+        redis_url=env["KD_REDIS_URL"],
+        spool_dir=Path(env["KD_SPOOL_DIR"]),
+        adapters_dir=Path(env["KD_ADAPTERS_DIR"]),
+        **over,
+    )
 
 
-def submit(env: dict[str, str], domain: str, prompts=(), corrections=(), overrides: dict | None = None,
-           priority: str = "normal", force_publish: bool = False, **settings: Any) -> str:
+def submit(
+    env: dict[str, str],
+    domain: str,
+    prompts=(),
+    corrections=(),
+    overrides: dict | None = None,
+    priority: str = "normal",
+    force_publish: bool = False,
+    **settings: Any,
+) -> str:
     """Submit as kd-client does (validated, deduplicated, ticketed); `settings` are ClientSettings
     fields, e.g. job_timeout or max_attempts."""
     s = client_settings(env, **settings)
-    datasets = [Q.prepare_dataset(kind, Path(p).read_bytes(), Path(p).name, s.max_data_bytes)
-                for kind, paths in (("prompts", prompts), ("corrections", corrections)) for p in paths]
+    datasets = [
+        Q.prepare_dataset(kind, Path(p).read_bytes(), Path(p).name, s.max_data_bytes)
+        for kind, paths in (("prompts", prompts), ("corrections", corrections))
+        for p in paths
+    ]
     job = Q.build_job(domain, datasets, overrides or {}, priority=priority, force_publish=force_publish)
     return Q.submit(connect(env), s, job, datasets).job_id
 
@@ -77,8 +107,16 @@ def store_blob(conn: redis.Redis, data: bytes) -> dict[str, Any]:
     return {"sha256": sha, "size": len(data)}
 
 
-def raw_enqueue(conn: redis.Redis, kwargs: Any = None, func: str = TASK_FUNC, args: tuple = (),
-                job_id: str | None = None, meta: dict | None = None, queue: str = "kd", **kw: Any) -> str:
+def raw_enqueue(
+    conn: redis.Redis,
+    kwargs: Any = None,
+    func: str = TASK_FUNC,
+    args: tuple = (),
+    job_id: str | None = None,
+    meta: dict | None = None,
+    queue: str = "kd",
+    **kw: Any,
+) -> str:
     """Enqueue without any client-side check (what anyone able to write to Redis can do)."""
     q = Queue(queue, connection=conn, serializer=JSONSerializer)
     return q.enqueue(func, args=args, kwargs=kwargs or {}, job_id=job_id, meta=meta or {}, **kw).id

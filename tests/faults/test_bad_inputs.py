@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faultkit import client_settings, raw_enqueue, store_blob, submit
+from helpers import SAMPLES, WorkerProcess, connect, row, wait_status, worker_env
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from faultkit import client_settings, raw_enqueue, store_blob, submit
-from helpers import SAMPLES, WorkerProcess, connect, row, wait_status, worker_env
 from jobs.errors import KDError
 from jobs.models import TASK_FUNC, blob_key
 from kd_client import queue as Q
@@ -59,8 +59,14 @@ class Case:
 
 def payload_of(conn, case: Case) -> dict[str, Any]:
     blob = store_blob(conn, case.data)
-    ref = {"kind": case.kind, "sha256": blob["sha256"], "records": 1, "size": blob["size"], "name": f"{case.name}.jsonl",
-           **case.ref}
+    ref = {
+        "kind": case.kind,
+        "sha256": blob["sha256"],
+        "records": 1,
+        "size": blob["size"],
+        "name": f"{case.name}.jsonl",
+        **case.ref,
+    }
     return {"schema_version": 1, "domain": case.domain, "data": [ref], "overrides": case.overrides, **case.fields}
 
 
@@ -90,8 +96,12 @@ def enqueue_pickled(conn, case: Case, tmp: Path) -> str:
 
 
 def enqueue_other_function(conn, case: Case, tmp: Path) -> str:
-    return raw_enqueue(conn, {"payload": payload_of(conn, case)}, func="kd_worker.daemon.task.materialize_data",
-                       job_id=f"bad-{case.name}")
+    return raw_enqueue(
+        conn,
+        {"payload": payload_of(conn, case)},
+        func="kd_worker.daemon.task.materialize_data",
+        job_id=f"bad-{case.name}",
+    )
 
 
 def enqueue_positional(conn, case: Case, tmp: Path) -> str:
@@ -103,8 +113,9 @@ def enqueue_extra_kwarg(conn, case: Case, tmp: Path) -> str:
 
 
 def enqueue_bad_ticket(conn, case: Case, tmp: Path) -> str:
-    return raw_enqueue(conn, {"payload": payload_of(conn, case)}, meta={"ticket": "../../escaped"},
-                       job_id=f"bad-{case.name}")
+    return raw_enqueue(
+        conn, {"payload": payload_of(conn, case)}, meta={"ticket": "../../escaped"}, job_id=f"bad-{case.name}"
+    )
 
 
 def enqueue_wrong_sha(conn, case: Case, tmp: Path) -> str:
@@ -124,68 +135,217 @@ LONG_PROMPT = json.dumps({"prompt": " ".join(f"word{i}" for i in range(400))}).e
 
 CASES = [
     # data files
-    Case("malformed_jsonl", "DataError", "line 2: not valid JSON", data=GOOD + b'{"prompt": "unterminated\n', client="DataError"),
-    Case("json_array_line", "DataError", "line 1: record: Input should be a valid dictionary", data=b"[1, 2, 3]\n", client="DataError"),
-    Case("wrong_field_type", "DataError", "line 1: prompt: Input should be a valid string", data=b'{"prompt": 123}\n', client="DataError"),
-    Case("unknown_record_field", "DataError", "Extra inputs are not permitted", data=b'{"prompt": "hi", "answer": "x"}\n', client="DataError"),
+    Case(
+        "malformed_jsonl",
+        "DataError",
+        "line 2: not valid JSON",
+        data=GOOD + b'{"prompt": "unterminated\n',
+        client="DataError",
+    ),
+    Case(
+        "json_array_line",
+        "DataError",
+        "line 1: record: Input should be a valid dictionary",
+        data=b"[1, 2, 3]\n",
+        client="DataError",
+    ),
+    Case(
+        "wrong_field_type",
+        "DataError",
+        "line 1: prompt: Input should be a valid string",
+        data=b'{"prompt": 123}\n',
+        client="DataError",
+    ),
+    Case(
+        "unknown_record_field",
+        "DataError",
+        "Extra inputs are not permitted",
+        data=b'{"prompt": "hi", "answer": "x"}\n',
+        client="DataError",
+    ),
     Case("empty_prompt", "DataError", "must not be empty", data=b'{"prompt": "   "}\n', client="DataError"),
     Case("empty_file", "DataError", "no records (the file is empty)", data=b"\n\n", client="DataError"),
-    Case("ten_mb_prompt", "DataError", "at most 200000 characters",
-         data=json.dumps({"prompt": "x" * (10 * 1024 * 1024)}).encode() + b"\n", client="DataError"),
+    Case(
+        "ten_mb_prompt",
+        "DataError",
+        "at most 200000 characters",
+        data=json.dumps({"prompt": "x" * (10 * 1024 * 1024)}).encode() + b"\n",
+        client="DataError",
+    ),
     Case("non_utf8", "DataError", "not valid UTF-8", data=b'{"prompt": "caf\xe9 \xff"}\n', client="DataError"),
-    Case("prompt_longer_than_max_length", "DataError", "longer than max_seq_length=16",
-         data=LONG_PROMPT, overrides={"max_seq_length": 16}),
-    Case("correction_without_response", "DataError", 'a correction needs a "response"', kind="corrections",
-         data=b'{"prompt": "no answer here"}\n', client="DataError"),
-    Case("conversation_not_ending_with_user", "DataError", "must end with a user message",
-         data=b'{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}\n', client="DataError"),
-    Case("too_many_examples", "DataError", f"more than {MAX_EXAMPLES} examples",
-         data=b"".join(json.dumps({"prompt": f"q{i}"}).encode() + b"\n" for i in range(MAX_EXAMPLES + 5))),
+    Case(
+        "prompt_longer_than_max_length",
+        "DataError",
+        "longer than max_seq_length=16",
+        data=LONG_PROMPT,
+        overrides={"max_seq_length": 16},
+    ),
+    Case(
+        "correction_without_response",
+        "DataError",
+        'a correction needs a "response"',
+        kind="corrections",
+        data=b'{"prompt": "no answer here"}\n',
+        client="DataError",
+    ),
+    Case(
+        "conversation_not_ending_with_user",
+        "DataError",
+        "must end with a user message",
+        data=b'{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}\n',
+        client="DataError",
+    ),
+    Case(
+        "too_many_examples",
+        "DataError",
+        f"more than {MAX_EXAMPLES} examples",
+        data=b"".join(json.dumps({"prompt": f"q{i}"}).encode() + b"\n" for i in range(MAX_EXAMPLES + 5)),
+    ),
     Case("blob_over_max_data_bytes", "DataError", "exceeds KD_MAX_DATA_BYTES", ref={"size": MAX_DATA_BYTES + 1}),
     Case("sha256_mismatch", "DataError", "does not match its sha256", inject=enqueue_wrong_sha),
     Case("missing_data_blob", "DataError", "missing or expired in Redis", inject=enqueue_missing_blob),
     # the payload itself
-    Case("domain_dotdot_etc", "ConfigError", "domain '../etc' is not allowed", domain="../etc", client="ConfigError", before_files=True),
-    Case("domain_with_slash", "ConfigError", "domain 'a/b' is not allowed", domain="a/b", client="ConfigError", before_files=True),
+    Case(
+        "domain_dotdot_etc",
+        "ConfigError",
+        "domain '../etc' is not allowed",
+        domain="../etc",
+        client="ConfigError",
+        before_files=True,
+    ),
+    Case(
+        "domain_with_slash",
+        "ConfigError",
+        "domain 'a/b' is not allowed",
+        domain="a/b",
+        client="ConfigError",
+        before_files=True,
+    ),
     Case("domain_unicode", "ConfigError", "is not allowed", domain="mémoire", client="ConfigError", before_files=True),
     Case("domain_empty", "ConfigError", "domain '' is not allowed", domain="", client="ConfigError", before_files=True),
-    Case("unknown_config_key", "ConfigError", "did you mean 'temperature'", overrides={"temprature": 2.0},
-         client="ConfigError", before_files=True),
-    Case("temperature_out_of_range", "ConfigError", "temperature=0.01", overrides={"temperature": 0.01},
-         client="ConfigError", before_files=True),
-    Case("alpha_out_of_range", "ConfigError", "alpha=1.5", overrides={"alpha": 1.5}, client="ConfigError", before_files=True),
-    Case("rank_out_of_range", "ConfigError", "lora_rank=0", overrides={"lora_rank": 0}, client="ConfigError", before_files=True),
-    Case("huge_learning_rate", "ConfigError", "learning_rate=1000000.0", overrides={"learning_rate": 1e6},
-         client="ConfigError", before_files=True),
-    Case("lora_keys_matching_nothing", "ConfigError", "match no layer of the student",
-         overrides={"lora_keys": ["no_such_proj"]}),
-    Case("future_schema_version", "ConfigError", "schema_version 99 is newer than this worker supports",
-         fields={"schema_version": 99}, before_files=True),
-    Case("unknown_payload_field", "ConfigError", "Extra inputs are not permitted", fields={"run_as": "root"},
-         before_files=True),
-    Case("model_name_escaping_root", "ConfigError", "must be a directory name under the worker's models root",
-         fields={"teacher": "../teacher"}, client="ConfigError", before_files=True),
+    Case(
+        "unknown_config_key",
+        "ConfigError",
+        "did you mean 'temperature'",
+        overrides={"temprature": 2.0},
+        client="ConfigError",
+        before_files=True,
+    ),
+    Case(
+        "temperature_out_of_range",
+        "ConfigError",
+        "temperature=0.01",
+        overrides={"temperature": 0.01},
+        client="ConfigError",
+        before_files=True,
+    ),
+    Case(
+        "alpha_out_of_range",
+        "ConfigError",
+        "alpha=1.5",
+        overrides={"alpha": 1.5},
+        client="ConfigError",
+        before_files=True,
+    ),
+    Case(
+        "rank_out_of_range",
+        "ConfigError",
+        "lora_rank=0",
+        overrides={"lora_rank": 0},
+        client="ConfigError",
+        before_files=True,
+    ),
+    Case(
+        "huge_learning_rate",
+        "ConfigError",
+        "learning_rate=1000000.0",
+        overrides={"learning_rate": 1e6},
+        client="ConfigError",
+        before_files=True,
+    ),
+    Case(
+        "lora_keys_matching_nothing",
+        "ConfigError",
+        "match no layer of the student",
+        overrides={"lora_keys": ["no_such_proj"]},
+    ),
+    Case(
+        "future_schema_version",
+        "ConfigError",
+        "schema_version 99 is newer than this worker supports",
+        fields={"schema_version": 99},
+        before_files=True,
+    ),
+    Case(
+        "unknown_payload_field",
+        "ConfigError",
+        "Extra inputs are not permitted",
+        fields={"run_as": "root"},
+        before_files=True,
+    ),
+    Case(
+        "model_name_escaping_root",
+        "ConfigError",
+        "must be a directory name under the worker's models root",
+        fields={"teacher": "../teacher"},
+        client="ConfigError",
+        before_files=True,
+    ),
     # models named by the job (under the corpus worker's KD_MODELS_ROOT)
-    Case("model_symlinked_out_of_root", "SecurityError", "resolves outside KD_MODELS_ROOT", fields={"student": "escape"},
-         before_files=True),
-    Case("missing_model_dir", "ConfigError", "is not a model directory", fields={"student": "nothing-here"},
-         before_files=True),
-    Case("unreadable_model_dir", "ConfigError", "is not a model directory", fields={"student": "unreadable"},
-         before_files=True),
+    Case(
+        "model_symlinked_out_of_root",
+        "SecurityError",
+        "resolves outside KD_MODELS_ROOT",
+        fields={"student": "escape"},
+        before_files=True,
+    ),
+    Case(
+        "missing_model_dir",
+        "ConfigError",
+        "is not a model directory",
+        fields={"student": "nothing-here"},
+        before_files=True,
+    ),
+    Case(
+        "unreadable_model_dir",
+        "ConfigError",
+        "is not a model directory",
+        fields={"student": "unreadable"},
+        before_files=True,
+    ),
     Case("corrupt_config_json", "ModelError", "config.json cannot be read as JSON", fields={"student": "bad-config"}),
     Case("corrupt_safetensors", "ModelError", "cannot load model", fields={"student": "corrupt-weights"}),
-    Case("tokenizer_model_vocab_mismatch", "ModelError", "tokenizer and weights do not belong together",
-         fields={"student": "vocab-mismatch"}),
+    Case(
+        "tokenizer_model_vocab_mismatch",
+        "ModelError",
+        "tokenizer and weights do not belong together",
+        fields={"student": "vocab-mismatch"},
+    ),
     Case("incompatible_architecture", "ModelError", "not supported", fields={"student": "unknown-arch"}),
     # what runs, and how it is serialized
     Case("non_allow_listed_function", "SecurityError", "is not allowed on this worker", inject=enqueue_other_function),
     Case("pickle_serialized_payload", "SecurityError", "reads JSON only and never unpickles", inject=enqueue_pickled),
-    Case("positional_arguments", "ConfigError", "job arguments must be kwargs", inject=enqueue_positional,
-         before_files=True),
-    Case("extra_keyword_argument", "ConfigError", "job arguments must be kwargs", inject=enqueue_extra_kwarg,
-         before_files=True),
-    Case("ticket_path_traversal", "ConfigError", "ticket '../../escaped' is not a positive integer",
-         inject=enqueue_bad_ticket, before_files=True),
+    Case(
+        "positional_arguments",
+        "ConfigError",
+        "job arguments must be kwargs",
+        inject=enqueue_positional,
+        before_files=True,
+    ),
+    Case(
+        "extra_keyword_argument",
+        "ConfigError",
+        "job arguments must be kwargs",
+        inject=enqueue_extra_kwarg,
+        before_files=True,
+    ),
+    Case(
+        "ticket_path_traversal",
+        "ConfigError",
+        "ticket '../../escaped' is not a positive integer",
+        inject=enqueue_bad_ticket,
+        before_files=True,
+    ),
 ]
 
 
@@ -195,12 +355,16 @@ def build_bad_models(root: Path, good: Path) -> None:
     (root / "escape").symlink_to(good / "student")  # a link out of the root
     (root / "unreadable").mkdir()
     (root / "unreadable" / "config.json").mkdir()  # no file can be read there, even by root
-    for name, source in (("bad-config", "student"), ("corrupt-weights", "student"), ("vocab-mismatch", "student-llama"),
-                         ("unknown-arch", "student")):
+    for name, source in (
+        ("bad-config", "student"),
+        ("corrupt-weights", "student"),
+        ("vocab-mismatch", "student-llama"),
+        ("unknown-arch", "student"),
+    ):
         shutil.copytree(good / source, root / name)
     (root / "bad-config" / "config.json").write_text("{ not json")
     weights = root / "corrupt-weights" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: 4096])  # truncated mid-tensor
+    weights.write_bytes(weights.read_bytes()[:4096])  # truncated mid-tensor
     for f in ("tokenizer.json", "tokenizer_config.json"):  # the teacher's 1,003 tokens on 832 embedding rows
         shutil.copy(good / "teacher" / f, root / "vocab-mismatch" / f)
     cfg = json.loads((root / "unknown-arch" / "config.json").read_text())
@@ -222,14 +386,24 @@ def corpus(tmp_path_factory, models_root, redis_server):
     redis_server.client().flushall()
     tmp = tmp_path_factory.mktemp("corpus")
     build_bad_models(tmp / "models", models_root)
-    env = worker_env(tmp, models_root, redis_server.url, "0.5", KD_MODELS_ROOT=str(tmp / "models"),
-                     KD_WORKER_NAME="kd-corpus", KD_MAX_EXAMPLES=str(MAX_EXAMPLES), KD_MAX_DATA_BYTES=str(MAX_DATA_BYTES))
+    env = worker_env(
+        tmp,
+        models_root,
+        redis_server.url,
+        "0.5",
+        KD_MODELS_ROOT=str(tmp / "models"),
+        KD_WORKER_NAME="kd-corpus",
+        KD_MAX_EXAMPLES=str(MAX_EXAMPLES),
+        KD_MAX_DATA_BYTES=str(MAX_DATA_BYTES),
+    )
     w = WorkerProcess(env, tmp / "worker.log").start()
     conn = connect(env)
     ids, good = {}, []
     for i, case in enumerate(CASES):
         if i % 10 == 0:  # good jobs in between: none may be lost or delayed into failure
-            good.append(submit(env, "memory", prompts=[SAMPLES / "memory.jsonl"], overrides={"seed": i}, force_publish=True))
+            good.append(
+                submit(env, "memory", prompts=[SAMPLES / "memory.jsonl"], overrides={"seed": i}, force_publish=True)
+            )
         ids[case.name] = (case.inject or enqueue_payload)(conn, case, tmp)
     good.append(submit(env, "debug", prompts=[SAMPLES / "debug.jsonl"]))
     for job_id in [*ids.values(), *good]:
@@ -268,5 +442,7 @@ def test_the_client_refuses_what_it_can_check_before_anything_is_sent(case):
     """kd-client and EGO's KDClient validate the same input at submit time (no Redis needed)."""
     with pytest.raises(KDError) as e:
         ds = Q.prepare_dataset(case.kind, case.data, f"{case.name}.jsonl", 64 * 1024 * 1024)
-        Q.build_job(case.domain, [ds], case.overrides, **{k: v for k, v in case.fields.items() if k != "schema_version"})
+        Q.build_job(
+            case.domain, [ds], case.overrides, **{k: v for k, v in case.fields.items() if k != "schema_version"}
+        )
     assert type(e.value).__name__ == case.client

@@ -13,9 +13,19 @@ import signal
 import time
 from pathlib import Path
 
-from faultkit import (PHASED, WARMUP, assert_consistent, current_version, meta_phase, phased_data, staging_dirs, submit,
-                      version_numbers)
+from faultkit import (
+    PHASED,
+    WARMUP,
+    assert_consistent,
+    current_version,
+    meta_phase,
+    phased_data,
+    staging_dirs,
+    submit,
+    version_numbers,
+)
 from helpers import SAMPLES, connect, wait_for, wait_phase, wait_status
+
 from jobs.models import health_key
 
 
@@ -99,8 +109,13 @@ def previous_version_intact(adapters: Path) -> dict:
 def test_a_job_that_keeps_killing_its_worker_is_failed_after_max_attempts(env, worker):
     """A poison job (here: killed in training every run) runs KD_MAX_ATTEMPTS times, then is failed."""
     conn, name = connect(env), "kd-poisoned"
-    job = submit(env, "debug", prompts=[SAMPLES / "debug.jsonl"], max_attempts=2,
-                 overrides={"iterations": 5000, "save_every": 50, "val_every": 100000})
+    job = submit(
+        env,
+        "debug",
+        prompts=[SAMPLES / "debug.jsonl"],
+        max_attempts=2,
+        overrides={"iterations": 5000, "save_every": 50, "val_every": 100000},
+    )
     for attempt in range(2):
         since = time.time()
         w = worker(name=name)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from faultkit import assert_consistent, submit, version_numbers
 from helpers import SAMPLES, connect, row, wait_for, wait_phase, wait_status
+
 from jobs import publisher
 from jobs.models import health_key
 

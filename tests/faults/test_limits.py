@@ -13,8 +13,14 @@ from helpers import SAMPLES, connect, row, wait_status
 def test_a_job_over_its_timeout_fails_and_the_next_job_of_the_domain_runs(env, worker):
     conn = connect(env)
     w = worker()
-    slow = submit(env, "memory", prompts=[SAMPLES / "memory.jsonl"], job_timeout=4, max_attempts=3,
-                  overrides={"iterations": 100000, "save_every": 1000, "val_every": 100000})
+    slow = submit(
+        env,
+        "memory",
+        prompts=[SAMPLES / "memory.jsonl"],
+        job_timeout=4,
+        max_attempts=3,
+        overrides={"iterations": 100000, "save_every": 1000, "val_every": 100000},
+    )
     after = submit(env, "memory", prompts=[SAMPLES / "memory.jsonl"])
     st = wait_status(conn, slow, {"failed"}, timeout=120)
     assert "JobTimeoutException" in st["error"] and "(4 seconds)" in st["error"], st["error"]
@@ -30,8 +36,13 @@ def test_a_job_over_the_memory_budget_fails_and_smaller_jobs_still_run(env, work
     64 prompts trained in batches of 64 with 256-token responses peak near 1 GB."""
     conn = connect(env)
     w = worker(KD_MAX_JOB_MEMORY=str(300 * 1024 * 1024))
-    big = submit(env, "memory", prompts=[write_prompts(tmp_path / "many.jsonl", 64)], max_attempts=3,
-                 overrides={"batch_size": 64, "gen_batch_size": 64, "gen_max_tokens": 256})
+    big = submit(
+        env,
+        "memory",
+        prompts=[write_prompts(tmp_path / "many.jsonl", 64)],
+        max_attempts=3,
+        overrides={"batch_size": 64, "gen_batch_size": 64, "gen_max_tokens": 256},
+    )
     small = submit(env, "debug", prompts=[SAMPLES / "debug.jsonl"])
     st = wait_status(conn, big, {"failed"}, timeout=180)
     assert "ResourceLimitExceeded" in st["error"] and "KD_MAX_JOB_MEMORY=314,572,800" in st["error"], st["error"]

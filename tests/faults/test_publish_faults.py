@@ -15,9 +15,9 @@ import resource
 from pathlib import Path
 
 import pytest
-
 from faultkit import WARMUP, assert_consistent, current_version, staging_dirs, submit, version_numbers
 from helpers import SAMPLES, connect, distill, engine_settings, row, wait_phase, wait_status
+
 from jobs import publisher
 from jobs.errors import PublishError
 
@@ -101,9 +101,17 @@ def test_a_retry_after_the_bookkeeping_of_a_publish_failed_does_not_publish_twic
     runtime = Runtime(settings)
 
     def run(publish_guard=contextlib.nullcontext) -> dict:  # one submission's queue retries, on one worker
-        return distill(tmp_path, models_root, overrides={"iterations": 4, "save_every": 4, "gen_max_tokens": 8},
-                       run_id="job-1", job_id="job-1", reuse_outcome=True, settings=settings, runtime=runtime,
-                       publish_guard=publish_guard)
+        return distill(
+            tmp_path,
+            models_root,
+            overrides={"iterations": 4, "save_every": 4, "gen_max_tokens": 8},
+            run_id="job-1",
+            job_id="job-1",
+            reuse_outcome=True,
+            settings=settings,
+            runtime=runtime,
+            publish_guard=publish_guard,
+        )
 
     class RedisLostOnExit:
         def __enter__(self):

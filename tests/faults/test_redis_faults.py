@@ -10,6 +10,7 @@ from pathlib import Path
 
 from faultkit import current_version, submit, version_numbers
 from helpers import SAMPLES, SHIPPED_REDIS_CONF, RedisServer, WorkerProcess, connect, row, wait_phase, wait_status
+
 from kd_client.api import KDClient
 
 
@@ -17,8 +18,12 @@ def test_redis_restart_keeps_queued_jobs_and_the_worker_reconnects(env, worker, 
     env = dict(env, KD_REDIS_URL=shipped_redis.url)
     conn = connect(env)
     w = worker(base=env)
-    running = submit(env, "memory", prompts=[SAMPLES / "memory.jsonl"],
-                     overrides={"iterations": 150, "save_every": 10, "val_every": 100000})
+    running = submit(
+        env,
+        "memory",
+        prompts=[SAMPLES / "memory.jsonl"],
+        overrides={"iterations": 150, "save_every": 10, "val_every": 100000},
+    )
     queued = [submit(env, d, prompts=[SAMPLES / f"{d}.jsonl"]) for d in ("debug", "task")]
     wait_phase(conn, running, "train", min_step=5)
     shipped_redis.stop(signal.SIGKILL)  # unclean: only the AOF keeps the queue
@@ -37,17 +42,30 @@ def test_redis_away_for_a_while_the_worker_waits_and_producers_spool(env, worker
     env = dict(env, KD_REDIS_URL=shipped_redis.url)
     conn, adapters = connect(env), Path(env["KD_ADAPTERS_DIR"])
     w = worker(base=env)
-    job = submit(env, "memory", prompts=[SAMPLES / "memory.jsonl"],
-                 overrides={"iterations": 60, "save_every": 10, "val_every": 100000})
+    job = submit(
+        env,
+        "memory",
+        prompts=[SAMPLES / "memory.jsonl"],
+        overrides={"iterations": 60, "save_every": 10, "val_every": 100000},
+    )
     wait_phase(conn, job, "train", min_step=1)
     shipped_redis.stop(signal.SIGTERM)
     w.wait_event("redis_unavailable", timeout=120, count=3)  # the job's work ended; the worker waits, backing off
 
-    ego = KDClient(submitter="ego", redis_url=shipped_redis.url, spool_dir=tmp_path / "ego-spool",
-                   accumulate_threshold=2, retry_backoff_s=0.0, connect_timeout=0.5, socket_timeout=1.0)
+    ego = KDClient(
+        submitter="ego",
+        redis_url=shipped_redis.url,
+        spool_dir=tmp_path / "ego-spool",
+        accumulate_threshold=2,
+        retry_backoff_s=0.0,
+        connect_timeout=0.5,
+        socket_timeout=1.0,
+    )
     receipts = ego.submit_corrections("debug", [{"prompt": f"q{i}?", "response": f"a{i}."} for i in range(2)])
     assert receipts == []  # nothing delivered: one job waits in the outbox
-    direct = ego.submit("task", prompts=[json.loads(line) for line in (SAMPLES / "task.jsonl").read_text().splitlines()])
+    direct = ego.submit(
+        "task", prompts=[json.loads(line) for line in (SAMPLES / "task.jsonl").read_text().splitlines()]
+    )
     assert direct.spooled and direct.job_id is None
     assert ego.pending() == {"outbox": 2}
 

@@ -40,10 +40,18 @@ def test_the_shipped_redis_config_listens_on_loopback_only(shipped_redis):
     text = SHIPPED_REDIS_CONF.read_text()
     binds = re.findall(r"^bind\s+(.+)$", text, flags=re.M)
     assert binds and all(addr in ("127.0.0.1", "::1", "-::1") for line in binds for addr in line.split())
-    conf = {k: v for name in ("bind", "protected-mode", "appendonly", "appendfsync", "maxmemory-policy")
-            for k, v in shipped_redis.client().config_get(name).items()}  # RedisServer adds no --bind with a config
-    assert conf == {"bind": "127.0.0.1", "protected-mode": "yes", "appendonly": "yes", "appendfsync": "everysec",
-                    "maxmemory-policy": "noeviction"}
+    conf = {
+        k: v
+        for name in ("bind", "protected-mode", "appendonly", "appendfsync", "maxmemory-policy")
+        for k, v in shipped_redis.client().config_get(name).items()
+    }  # RedisServer adds no --bind with a config
+    assert conf == {
+        "bind": "127.0.0.1",
+        "protected-mode": "yes",
+        "appendonly": "yes",
+        "appendfsync": "everysec",
+        "maxmemory-policy": "noeviction",
+    }
 
 
 def test_paths_from_job_input_stay_confined_and_nothing_written_is_world_writable(env, worker, tmp_path):

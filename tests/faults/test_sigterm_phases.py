@@ -51,8 +51,12 @@ def test_sigterm_in_each_phase_requeues_or_finishes_within_the_grace_period(env,
     # publishing: a second job of the domain (teacher work cached) is stopped while it stages
     w = worker(base=env)
     again = submit(env, "memory", **data, overrides={**PHASED, "learning_rate": 2e-4}, force_publish=True)
-    wait_for(lambda: any(any(s.iterdir()) for s in staging_dirs(adapters, "memory")), 120, interval=0.005,
-             what="the second version's staging directory")
+    wait_for(
+        lambda: any(any(s.iterdir()) for s in staging_dirs(adapters, "memory")),
+        120,
+        interval=0.005,
+        what="the second version's staging directory",
+    )
     stop_within_grace(w)
     assert wait_status(conn, again, {"finished"}, timeout=5)["outcome"]["version"] == 3
     assert version_numbers(adapters, "memory") == [1, 2, 3]

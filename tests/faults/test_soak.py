@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from faultkit import assert_consistent, submit
 from helpers import SAMPLES, connect, row, wait_for, wait_status
+
 from jobs import publisher
 from jobs.models import health_key
 
@@ -28,20 +28,29 @@ def test_a_seeded_storm_of_kills_stops_and_redis_restarts_loses_nothing(env, wor
     rng = random.Random(SEED)
     env = dict(env, KD_REDIS_URL=shipped_redis.url)
     conn, adapters = connect(env), Path(env["KD_ADAPTERS_DIR"])
-    jobs = [submit(env, DOMAINS[i % 2], prompts=[SAMPLES / f"{DOMAINS[i % 2]}.jsonl"], force_publish=True,
-                   overrides={"seed": i, "iterations": 120, "save_every": 5, "val_every": 100000}, max_attempts=12)
-            for i in range(8)]
+    jobs = [
+        submit(
+            env,
+            DOMAINS[i % 2],
+            prompts=[SAMPLES / f"{DOMAINS[i % 2]}.jsonl"],
+            force_publish=True,
+            overrides={"seed": i, "iterations": 120, "save_every": 5, "val_every": 100000},
+            max_attempts=12,
+        )
+        for i in range(8)
+    ]
     procs = {name: worker(name=name, base=env) for name in ("kd-a", "kd-b")}
     faults = []
     for _ in range(FAULTS):
         since = time.time()
 
-        def working():
+        def working(since=since):
             rows = [row(conn, j) for j in jobs]
             if all(r["status"] == "finished" for r in rows):
                 return "done"
-            busy = [r for r in rows if (r.get("progress") or {}).get("updated_at", 0) > since
-                    and r["status"] == "started"]
+            busy = [
+                r for r in rows if (r.get("progress") or {}).get("updated_at", 0) > since and r["status"] == "started"
+            ]
             return busy and "busy"
 
         if wait_for(working, 240, interval=0.05, what="a job at work") == "done":
@@ -55,7 +64,7 @@ def test_a_seeded_storm_of_kills_stops_and_redis_restarts_loses_nothing(env, wor
         procs[name].signal(signal.SIGKILL if action == "kill" else signal.SIGTERM)
         code = procs[name].wait(60)
         assert action == "kill" or code == 0
-        wait_for(lambda: not conn.exists(health_key(name)), 15, what=f"{name}'s health key to lapse")
+        wait_for(lambda name=name: not conn.exists(health_key(name)), 15, what=f"{name}'s health key to lapse")
         procs[name] = worker(name=name, base=env)
     for job in jobs:
         wait_status(conn, job, {"finished"}, timeout=600)

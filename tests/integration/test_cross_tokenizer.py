@@ -7,24 +7,41 @@ import json
 import subprocess
 from pathlib import Path
 
-import pytest
-
 import mlx_lm
-
+import pytest
 from helpers import SAMPLES, distill, kd_env, venv_bin
+
 from jobs import publisher
 from jobs.errors import VocabularyMismatch
 
 PROMPTS = SAMPLES / "task.jsonl"
-SMALL = {"iterations": 30, "gen_max_tokens": 40, "val_every": 15, "save_every": 15, "val_fraction": 0.25,
-         "learning_rate": 1e-3}
+SMALL = {
+    "iterations": 30,
+    "gen_max_tokens": 40,
+    "val_every": 15,
+    "save_every": 15,
+    "val_fraction": 0.25,
+    "learning_rate": 1e-3,
+}
 
 
 def test_cli_distills_a_llama_student_from_a_qwen_teacher(tmp_path, models_root):
     env = kd_env(KD_WORK_DIR=str(tmp_path / "work"))
-    args = [venv_bin("kd-worker"), "distill", "--domain", "task", "--prompts", str(PROMPTS),
-            "--teacher", str(models_root / "teacher"), "--student", str(models_root / "student-llama"),
-            "--out", str(tmp_path / "out"), "--json"]
+    args = [
+        venv_bin("kd-worker"),
+        "distill",
+        "--domain",
+        "task",
+        "--prompts",
+        str(PROMPTS),
+        "--teacher",
+        str(models_root / "teacher"),
+        "--student",
+        str(models_root / "student-llama"),
+        "--out",
+        str(tmp_path / "out"),
+        "--json",
+    ]
     for key, value in SMALL.items():
         args += ["--set", f"{key}={value}"]
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
@@ -48,8 +65,9 @@ def test_cli_distills_a_llama_student_from_a_qwen_teacher(tmp_path, models_root)
 
 
 def test_sentencepiece_student_with_ce_at_unaligned_positions(tmp_path, models_root):
-    out = distill(tmp_path, models_root, "task", student="student-sp", run_id="x1",
-                  overrides={**SMALL, "xtok_unaligned": "ce"})
+    out = distill(
+        tmp_path, models_root, "task", student="student-sp", run_id="x1", overrides={**SMALL, "xtok_unaligned": "ce"}
+    )
     assert out["published"] and out["after"]["kl"] < out["before"]["kl"]
     metrics = json.loads((Path(out["adapter_path"]) / "kd_metrics.json").read_text())
     cov = metrics["xtok"]
@@ -59,6 +77,12 @@ def test_sentencepiece_student_with_ce_at_unaligned_positions(tmp_path, models_r
 
 def test_low_coverage_is_refused_before_training(tmp_path, models_root):
     with pytest.raises(VocabularyMismatch, match="xtok_min_coverage=0.99"):
-        distill(tmp_path, models_root, "task", student="student-llama", run_id="x1",
-                overrides={**SMALL, "xtok_min_coverage": 0.99, "gen_max_tokens": 16})
+        distill(
+            tmp_path,
+            models_root,
+            "task",
+            student="student-llama",
+            run_id="x1",
+            overrides={**SMALL, "xtok_min_coverage": 0.99, "gen_max_tokens": 16},
+        )
     assert publisher.resolve(tmp_path / "adapters_kd", "task") is None

@@ -6,11 +6,11 @@ import json
 import signal
 from pathlib import Path
 
+from helpers import SAMPLES, connect, kd_client, row, wait_for, wait_phase, wait_status
 from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from helpers import SAMPLES, connect, kd_client, row, wait_for, wait_phase, wait_status
 from jobs.models import blob_key, health_key
 
 LONG = ["--set", "iterations=5000", "--set", "save_every=5", "--set", "val_every=100000"]
@@ -104,8 +104,11 @@ def test_refuses_functions_outside_the_allow_list_and_pickle(env, worker, tmp_pa
 
     conn.hset("rq:job:pickled", "data", zlib.compress(pickle.dumps(("os.system", None, (f"touch {marker}",), {}))))
     for job in (evil, pickled):
-        wait_for(lambda j=job: Job.fetch(j.id, connection=conn, serializer=JSONSerializer).get_status() == "failed",
-                 60, what=f"{job.id} to fail")
+        wait_for(
+            lambda j=job: Job.fetch(j.id, connection=conn, serializer=JSONSerializer).get_status() == "failed",
+            60,
+            what=f"{job.id} to fail",
+        )
     assert not marker.exists()
     err = Job.fetch(evil.id, connection=conn, serializer=JSONSerializer).latest_result().exc_string
     assert "SecurityError" in err and "not allowed" in err
@@ -124,9 +127,12 @@ def test_malformed_data_fails_the_job_clearly_and_worker_lives_on(env, worker):
     bad = b'{"prompt": "fine"}\n{"prompt": broken json\n'
     sha = hashlib.sha256(bad).hexdigest()
     conn.set(blob_key(sha), bad)
-    job = KDJob(domain="memory", data=(DataRef(kind="prompts", sha256=sha, records=2, size=len(bad), name="bad.jsonl"),))
+    job = KDJob(
+        domain="memory", data=(DataRef(kind="prompts", sha256=sha, records=2, size=len(bad), name="bad.jsonl"),)
+    )
     rq_job = Queue("kd", connection=conn, serializer=JSONSerializer).enqueue(
-        TASK_FUNC, kwargs={"payload": job.model_dump(mode="json")})
+        TASK_FUNC, kwargs={"payload": job.model_dump(mode="json")}
+    )
     st = wait_status(conn, rq_job.id, {"failed"})
     assert "DataError" in st["error"] and "bad.jsonl line 2" in st["error"] and "not valid JSON" in st["error"]
     assert st.get("traceback", "").count("Traceback") >= 1
@@ -153,8 +159,10 @@ def test_two_workers_share_a_queue_and_publish_each_domain_in_order(env, worker)
             job_id = json.loads((v / "manifest.json").read_text())["summary"]["job_id"]
             tickets.append(row(conn, job_id)["ticket"])
         assert tickets == sorted(tickets) and len(tickets) >= 1
-        published = {json.loads((v / "manifest.json").read_text())["summary"]["job_id"]
-                     for v in (adapters / domain / "versions").iterdir()}
+        published = {
+            json.loads((v / "manifest.json").read_text())["summary"]["job_id"]
+            for v in (adapters / domain / "versions").iterdir()
+        }
         for d, j in ids:
             o = row(conn, j)["outcome"]
             if d == domain:

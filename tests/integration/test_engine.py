@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 import pytest
-
-import mlx_lm
-
 from helpers import FAST, SAMPLES, distill, engine_settings, kd_env, venv_bin
+
 from jobs.errors import JobInterrupted, TrainingDiverged, VocabularyMismatch
 from kd_worker.engine import teacher as T
 from kd_worker.engine.models import load_model_dir
@@ -24,12 +23,36 @@ PROMPTS = SAMPLES / "memory.jsonl"
 
 
 def test_cli_distill_writes_the_seed_layout_usable_by_mlx_lm(tmp_path, models_root):
-    env = kd_env(KD_WORK_DIR=str(tmp_path / "work"), KD_TEACHER=str(models_root / "teacher"),
-                 KD_STUDENT=str(models_root / "student"))
-    out = subprocess.run([venv_bin("kd-worker"), "distill", "--domain", "memory", "--prompts", str(PROMPTS),
-                          "--set", "iterations=40", "--set", "save_every=20", "--set", "val_every=20",
-                          "--set", "gen_max_tokens=32", "--out", str(tmp_path / "out"), "--json"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    env = kd_env(
+        KD_WORK_DIR=str(tmp_path / "work"),
+        KD_TEACHER=str(models_root / "teacher"),
+        KD_STUDENT=str(models_root / "student"),
+    )
+    out = subprocess.run(
+        [
+            venv_bin("kd-worker"),
+            "distill",
+            "--domain",
+            "memory",
+            "--prompts",
+            str(PROMPTS),
+            "--set",
+            "iterations=40",
+            "--set",
+            "save_every=20",
+            "--set",
+            "val_every=20",
+            "--set",
+            "gen_max_tokens=32",
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     outcome = json.loads(out.stdout)
     d = tmp_path / "out" / "memory"
@@ -48,13 +71,43 @@ def test_cli_distill_writes_the_seed_layout_usable_by_mlx_lm(tmp_path, models_ro
     assert summary["domains"]["memory"]["version"] == 1
     model, tok = mlx_lm.load(str(models_root / "student"), adapter_path=str(d))
     assert mlx_lm.generate(model, tok, "hello", max_tokens=4)
-    gen = subprocess.run([sys.executable, "-m", "mlx_lm", "generate", "--model", str(models_root / "student"),
-                          "--adapter-path", str(d), "--prompt", "hi", "--max-tokens", "4"], capture_output=True,
-                         text=True, timeout=120)
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "generate",
+            "--model",
+            str(models_root / "student"),
+            "--adapter-path",
+            str(d),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert gen.returncode == 0 and "Generation: 4 tokens" in gen.stdout
-    fused = subprocess.run([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(models_root / "student"),
-                            "--adapter-path", str(d), "--save-path", str(tmp_path / "fused")],
-                           capture_output=True, text=True, timeout=120)
+    fused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "fuse",
+            "--model",
+            str(models_root / "student"),
+            "--adapter-path",
+            str(d),
+            "--save-path",
+            str(tmp_path / "fused"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert fused.returncode == 0 and (tmp_path / "fused" / "model.safetensors").is_file()
     a, _ = mlx_lm.load(str(tmp_path / "fused"))
     x = mx.array([[1, 5, 9, 33]])
@@ -75,8 +128,15 @@ def test_resume_at_half_equals_an_uninterrupted_run(tmp_path, models_root):
         steps["n"] = p.step if p.phase == "train" else steps["n"]
 
     with pytest.raises(JobInterrupted):
-        distill(tmp_path / "b", models_root, overrides=over, run_id="half", settings=b, progress=progress,
-                should_stop=lambda: "shutdown" if steps["n"] >= 15 else None)
+        distill(
+            tmp_path / "b",
+            models_root,
+            overrides=over,
+            run_id="half",
+            settings=b,
+            progress=progress,
+            should_stop=lambda: "shutdown" if steps["n"] >= 15 else None,
+        )
     assert steps["n"] == 15
     resumed = distill(tmp_path / "b", models_root, overrides=over, run_id="half", settings=b)
     w1, w2 = adapter(Path(full["adapter_path"])), adapter(Path(resumed["adapter_path"]))
@@ -128,11 +188,17 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
 
 def test_teacher_scores_match_a_full_vocabulary_reference(models_root):
     lm = load_model_dir(models_root / "teacher")
-    prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "What matters?"}], add_generation_prompt=True)
+    prompt = lm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What matters?"}], add_generation_prompt=True
+    )
     response = [5, 77, 301, 2]
     (t,) = T.score(lm, [(prompt, response)], lm.n_tokens, 8, 2.0)
     logits = np.array(lm.model(mx.array([prompt + response[:-1]]))[0, len(prompt) - 1 :, : lm.n_tokens], np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
     ref_ids = np.argsort(-logp, -1)[:, :8]
     np.testing.assert_array_equal(t.ids, ref_ids)
     np.testing.assert_allclose(t.logp, np.take_along_axis(logp, ref_ids, -1), atol=1e-4)
@@ -173,6 +239,7 @@ def test_teacher_work_is_cached_across_runs(tmp_path, models_root):
     assert len(files) == 12
     files[0].write_bytes(b"corrupt")  # a damaged entry is a miss, rescored
     phases.clear()
-    distill(tmp_path, models_root, overrides=FAST, settings=s, run_id="three", progress=lambda p: phases.append(p.phase))
+    distill(
+        tmp_path, models_root, overrides=FAST, settings=s, run_id="three", progress=lambda p: phases.append(p.phase)
+    )
     assert "score" in phases and "generate" not in phases
-

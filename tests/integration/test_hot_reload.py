@@ -11,8 +11,8 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, wait_for
+
 from jobs import publisher
 from kd_client.watcher import AdapterUpdate, AdapterWatcher, WatcherFailed
 
@@ -23,6 +23,7 @@ def write_files(tag: int):
     def write(stage: Path) -> None:
         for name in ("adapters.safetensors", "adapter_config.json", "kd_metrics.json"):
             (stage / name).write_text(json.dumps({"tag": tag, "file": name}))
+
     return write
 
 
@@ -53,9 +54,11 @@ def root(tmp_path) -> Path:
 
 
 def test_the_client_package_never_imports_mlx_or_the_worker():
-    code = ("import sys, kd_client, kd_client.watcher, kd_client.hotswap, kd_client.follow; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'kd_worker')); "
-            "assert not bad, bad")
+    code = (
+        "import sys, kd_client, kd_client.watcher, kd_client.hotswap, kd_client.follow; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'kd_worker')); "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 
@@ -72,8 +75,10 @@ def test_each_distinct_version_is_reported_once(root, polling):
         publish(root, 1, domain="task")  # a domain that appears later; its report follows every rescan above
         wait_for(lambda: rec.versions("task") == [1], 10, what="the new domain")
         assert rec.versions() == [1, 2, 3]
-        assert all(u.manifest["version"] == u.version and u.path == root / u.domain / "versions" / f"{u.version:04d}"
-                   for u in rec.seen)
+        assert all(
+            u.manifest["version"] == u.version and u.path == root / u.domain / "versions" / f"{u.version:04d}"
+            for u in rec.seen
+        )
         assert {u.domain: u.version for u in w.take(0)} == {"memory": 3, "task": 1}  # newest per domain
         assert w.stop(5)
 
@@ -200,9 +205,12 @@ class HammerReader:
         if v is None:
             return False
         manifest = publisher.verify(v.path)  # raises on a partial or modified version
-        tags = {manifest["summary"]["tag"], manifest["version"],
-                json.loads((v.path / "kd_metrics.json").read_text())["tag"],
-                json.loads((v.path / "adapter_config.json").read_text())["kd"]["tag"]}
+        tags = {
+            manifest["summary"]["tag"],
+            manifest["version"],
+            json.loads((v.path / "kd_metrics.json").read_text())["tag"],
+            json.loads((v.path / "adapter_config.json").read_text())["kd"]["tag"],
+        }
         assert tags == {v.number}, f"mixed version {v.number}: {tags}"
         weights = self.loaded_weights(v.path)
         want = self.expected(v.number)
@@ -233,11 +241,17 @@ def test_readers_never_see_a_partial_or_mixed_version_during_50_publishes(root, 
     # native with the default debounce, native reporting often (verifies during the publishes), polling
     kinds = {"native": (False, 1600), "native-100ms": (False, 100), "polling": (True, 1600)}
     watched = {k: Recorder() for k in kinds}
-    watchers = [AdapterWatcher(root, on_change=watched[k], force_polling=p, debounce_ms=d).start()
-                for k, (p, d) in kinds.items()]
+    watchers = [
+        AdapterWatcher(root, on_change=watched[k], force_polling=p, debounce_ms=d).start()
+        for k, (p, d) in kinds.items()
+    ]
     assert all(w.wait_ready(10) for w in watchers)
-    proc = subprocess.Popen([sys.executable, "-c", PUBLISHER, str(REPO / "tests"), str(root), str(tmp_path / "shapes.json"),
-                             str(n)], stdin=subprocess.PIPE, cwd=REPO, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PUBLISHER, str(REPO / "tests"), str(root), str(tmp_path / "shapes.json"), str(n)],
+        stdin=subprocess.PIPE,
+        cwd=REPO,
+        text=True,
+    )
     reader = HammerReader(root, student, shapes)
     try:
         proc.stdin.write("go\n")
@@ -256,9 +270,11 @@ def test_readers_never_see_a_partial_or_mixed_version_during_50_publishes(root, 
             proc.kill()
         for w in watchers:
             w.stop()
-    print(f"hammer: {reader.reads} verified loads, {reader.compat_reads} loads through the links, "
-          f"{len(reader.versions)} distinct versions read, {reader.straddled} reads overlapped a swap; "
-          f"watcher reports {({k: len(r.seen) for k, r in watched.items()})}")
+    print(
+        f"hammer: {reader.reads} verified loads, {reader.compat_reads} loads through the links, "
+        f"{len(reader.versions)} distinct versions read, {reader.straddled} reads overlapped a swap; "
+        f"watcher reports { ({k: len(r.seen) for k, r in watched.items()}) }"
+    )
     assert reader.reads >= n and n in reader.versions
     for rec in watched.values():
         got = rec.versions()

@@ -11,11 +11,11 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+from lora_fixtures import lora_shapes, lora_weights, write_adapter
 
 from jobs import publisher
 from kd_client.follow import FollowEvent, answer, follow
 from kd_client.hotswap import AdapterSlot, AdapterSwapError, adapter_params
-from lora_fixtures import lora_shapes, lora_weights, write_adapter
 
 PROMPT = "How important is it to remember the user's daughter's name?"
 N_TOKENS = 12
@@ -42,8 +42,9 @@ def published(models_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters_kd")
     wide, narrow = lora_shapes(student, 2, 8), lora_shapes(student, 1, 4, 10.0)
     for tag, shapes, layers, scale in ((1, wide, 2, 20.0), (2, wide, 2, 20.0), (3, narrow, 1, 10.0)):
-        publisher.publish(root, "memory", lambda s, a=(shapes, tag, layers, scale): write_adapter(s, *a), {"tag": tag},
-                          keep=10)
+        publisher.publish(
+            root, "memory", lambda s, a=(shapes, tag, layers, scale): write_adapter(s, *a), {"tag": tag}, keep=10
+        )
     return student, root, {n: root / "memory" / "versions" / f"{n:04d}" for n in (1, 2, 3)}, wide
 
 
@@ -101,7 +102,8 @@ def _corrupt_copies(tmp_path: Path, good: Path, shapes) -> dict[str, Path]:
     renamed = {k.replace("q_proj", "qq_proj"): v for k, v in lora_weights(shapes, 5).items()}
     save_file(renamed, str(out["unknown_name"] / "adapters.safetensors"))
     (out["unknown_name"] / "adapter_config.json").write_text(
-        json.dumps({**cfg, "lora_parameters": {**cfg["lora_parameters"], "scale": 5.0}}))  # forces a re-wrap
+        json.dumps({**cfg, "lora_parameters": {**cfg["lora_parameters"], "scale": 5.0}})
+    )  # forces a re-wrap
     for name in ("wrong_rank", "unknown_name"):
         (out[name] / "manifest.json").unlink()
     return out
@@ -134,11 +136,16 @@ def test_follow_swaps_and_answers_after_each_publish(published, tmp_path):
         if len(events) == 1:
             publisher.publish(root, "memory", lambda s: write_adapter(s, shapes, 22), {})
         elif len(events) == 2:  # checksums fine, contents not an adapter: must not be applied
-            publisher.publish(root, "memory", lambda s: [(s / f).write_bytes(b"junk") for f in
-                                                         ("adapters.safetensors", "adapter_config.json")], {})
+            publisher.publish(
+                root,
+                "memory",
+                lambda s: [(s / f).write_bytes(b"junk") for f in ("adapters.safetensors", "adapter_config.json")],
+                {},
+            )
 
-    handled = follow(root, "memory", student, PROMPT, max_tokens=8, on_event=on_event, max_swaps=3,
-                     stop_event=threading.Event())
+    handled = follow(
+        root, "memory", student, PROMPT, max_tokens=8, on_event=on_event, max_swaps=3, stop_event=threading.Event()
+    )
     assert handled == 3 and [e.version for e in events] == [1, 2, 3]
     for e in events[:2]:
         assert e.error is None and e.answer == answer(*fresh(student, e.path), PROMPT, 8)

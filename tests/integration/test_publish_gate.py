@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from helpers import distill, engine_settings
+
 from jobs import publisher
 from kd_worker.daemon.runtime import Runtime
 
@@ -24,8 +24,16 @@ def engine(models_root, tmp_path_factory):
     runtime = Runtime(settings)
 
     def run(run_id: str, overrides: dict, force: bool = False) -> dict:
-        return distill(tmp, models_root, overrides=overrides, run_id=run_id, job_id=run_id, force_publish=force,
-                       settings=settings, runtime=runtime)
+        return distill(
+            tmp,
+            models_root,
+            overrides=overrides,
+            run_id=run_id,
+            job_id=run_id,
+            force_publish=force,
+            settings=settings,
+            runtime=runtime,
+        )
 
     return settings.adapters_dir, run
 
@@ -76,4 +84,7 @@ def test_gate_publishes_a_candidate_that_is_not_worse(engine):
     assert gate["candidate_kl"] <= gate["published_kl"]
     entry = publisher.read_summary(root)["domains"]["memory"]
     assert entry["version"] == better["version"] and entry["forced"] is False
-    assert (entry["gate"]["candidate_kl"], entry["gate"]["published_kl"]) == (gate["candidate_kl"], gate["published_kl"])
+    assert (entry["gate"]["candidate_kl"], entry["gate"]["published_kl"]) == (
+        gate["candidate_kl"],
+        gate["published_kl"],
+    )

@@ -27,8 +27,10 @@ def test_candidates_cover_debian_multiarch():
 
 
 def test_mapped_blas_prefers_openblas():
-    maps = ("7f0 r-xp 0 0 0 /x/mlx_cpu.libs/libblas-abc.so.3\n"
-            "7f1 r-xp 0 0 0 /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0\n")
+    maps = (
+        "7f0 r-xp 0 0 0 /x/mlx_cpu.libs/libblas-abc.so.3\n"
+        "7f1 r-xp 0 0 0 /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0\n"
+    )
     assert blas.mapped_blas(maps).endswith("libopenblas.so.0")
     assert blas.mapped_blas("7f0 r-xp 0 0 0 /lib/libc.so.6\n") is None
 
@@ -44,15 +46,19 @@ def test_this_test_session_runs_on_openblas():
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
 def test_too_late_is_reported_not_hidden():
-    code = ("import mlx.core\nfrom kd_worker.ops.blas import ensure_fast_blas\ni = ensure_fast_blas()\n"
-            "print(i.fast, i.note)")
+    code = (
+        "import mlx.core\nfrom kd_worker.ops.blas import ensure_fast_blas\ni = ensure_fast_blas()\n"
+        "print(i.fast, i.note)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.splitlines()[-1].startswith("False") and "imported before" in out.stdout
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
 def test_missing_library_explains_how_to_install(tmp_path):
-    code = (f"from pathlib import Path\nfrom kd_worker.ops.blas import ensure_fast_blas\n"
-            f"i = ensure_fast_blas(Path('{tmp_path}/nope.so'))\nprint(i.fast, i.note)")
+    code = (
+        f"from pathlib import Path\nfrom kd_worker.ops.blas import ensure_fast_blas\n"
+        f"i = ensure_fast_blas(Path('{tmp_path}/nope.so'))\nprint(i.fast, i.note)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.splitlines()[-1].startswith("False") and "libopenblas0-pthread" in out.stdout

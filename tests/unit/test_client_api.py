@@ -114,7 +114,7 @@ def test_age_trigger_and_explicit_flush(conn, tmp_path):
 
 def test_invalid_records_are_refused_before_anything_is_accepted(conn, settings):
     kd = KDClient(settings, connection=conn)
-    with pytest.raises(DataError, match="needs a \"response\""):
+    with pytest.raises(DataError, match='needs a "response"'):
         kd.submit_corrections("memory", [corr(1), {"prompt": "no answer"}])
     with pytest.raises(DataError):
         kd.submit_corrections("memory", [{"prompt": 3, "response": "x"}])

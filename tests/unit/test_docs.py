@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from helpers import REPO
+
 from kd_client.cli import build_parser as client_parser
 from kd_client.settings import ClientSettings
 from kd_worker.cli import build_parser as worker_parser

@@ -5,14 +5,15 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from test_losses import sparse_targets
 
 from kd_worker.engine import losses as L
-from test_losses import sparse_targets
 
 
 def autodiff(logits, t, temperature, alpha):
     def f(z):
         return L.combine(L.loss_sums(z, t, temperature, "forward_kl"), temperature, alpha)
+
     return mx.value_and_grad(f)(logits)
 
 

@@ -24,6 +24,7 @@ def test_chunked_loss_and_gradients_equal_the_direct_path(monkeypatch, divergenc
     def run():
         def loss(model):
             return combine(TR.batch_sums(lm, x, pos, t, 300, cfg), cfg.temperature, cfg.alpha)
+
         value, grads = nn.value_and_grad(lm.model, loss)(lm.model)
         return value.item(), dict(tree_flatten(grads))
 
@@ -51,6 +52,7 @@ def test_fused_training_loss_equals_the_autodiff_path(monkeypatch, temperature, 
             if path == "fused":
                 return TR.train_loss(lm, x, pos, t, 300, cfg)[0]
             return combine(TR.batch_sums(lm, x, pos, t, 300, cfg), cfg.temperature, cfg.alpha)
+
         value, grads = nn.value_and_grad(lm.model, loss)(lm.model)
         return value.item(), dict(tree_flatten(grads))
 

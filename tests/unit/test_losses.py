@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx.core as mx
 
 from kd_worker.engine import losses as L
 
@@ -157,7 +156,10 @@ def test_sums_add_up_across_chunks_so_normalisation_is_per_token(rng):
     t, s = rng.normal(0, 2, (30, v)), rng.normal(0, 2, (30, v))
     labels = rng.integers(0, v, 30)
     whole = sparse_targets(t, 8, 2.0, labels)
-    parts = [L.loss_sums(mx.array(s[a:b].astype(np.float32)), L.Targets(*(x[a:b] for x in whole)), 2.0) for a, b in ((0, 7), (7, 30))]
+    parts = [
+        L.loss_sums(mx.array(s[a:b].astype(np.float32)), L.Targets(*(x[a:b] for x in whole)), 2.0)
+        for a, b in ((0, 7), (7, 30))
+    ]
     summed = L.LossSums(*(sum(p[i] for p in parts) for i in range(4)))
     assert L.combine(summed, 2.0, 0.7).item() == pytest.approx(total(s.astype(np.float32), whole, 2.0, 0.7), rel=1e-6)
     per_seq_mean = np.mean([L.combine(p, 2.0, 0.7).item() for p in parts])

@@ -20,6 +20,7 @@ FILES = ("adapters.safetensors", "adapter_config.json", "kd_metrics.json")
 
 def writer(tag: int, checkpoint: int | None = None):
     """A `write(stage)` callback: every file names its tag, so mixing versions would show."""
+
     def write(stage: Path) -> None:
         (stage / "adapters.safetensors").write_bytes(f"weights-{tag}".encode() * 100)
         (stage / "adapter_config.json").write_text(json.dumps({"num_layers": 2, "tag": tag}))
@@ -27,6 +28,7 @@ def writer(tag: int, checkpoint: int | None = None):
         if checkpoint is not None:
             (stage / f"checkpoint_{checkpoint}").mkdir()
             (stage / f"checkpoint_{checkpoint}" / "adapters.safetensors").write_bytes(b"ckpt")
+
     return write
 
 
@@ -113,8 +115,10 @@ for _ in range(n):
 
 def test_summary_updates_from_several_processes_are_never_lost(tmp_path):
     # 4 writers x 25 read-modify-writes of the same entry: a missing lock loses increments.
-    procs = [subprocess.Popen([sys.executable, "-c", COUNTER, str(tmp_path), d, "25"])
-             for d in ("memory", "memory", "task", "task")]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", COUNTER, str(tmp_path), d, "25"])
+        for d in ("memory", "memory", "task", "task")
+    ]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
     domains = publisher.read_summary(tmp_path)["domains"]
     assert domains["memory"]["n"] == 50 and domains["task"]["n"] == 50
@@ -163,13 +167,17 @@ def _fails_like(exc: BaseException):
     def write(stage: Path) -> None:
         writer(99)(stage)
         raise exc
+
     return write
 
 
-@pytest.mark.parametrize("exc, error", [
-    (RuntimeError("serializer bug"), RuntimeError),
-    (OSError(errno.ENOSPC, "No space left on device"), PublishError),
-])
+@pytest.mark.parametrize(
+    "exc, error",
+    [
+        (RuntimeError("serializer bug"), RuntimeError),
+        (OSError(errno.ENOSPC, "No space left on device"), PublishError),
+    ],
+)
 def test_a_failing_write_leaves_the_previous_version_and_no_debris(tmp_path, exc, error):
     publish(tmp_path, 1)
     before = visible(tmp_path)
@@ -190,6 +198,7 @@ def _failing(monkeypatch, name: str, when) -> None:
         if when(*args):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
+
     monkeypatch.setattr(publisher.os, name, fake)
 
 

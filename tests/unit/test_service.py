@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import redis
-
 from helpers import SHIPPED_REDIS_CONF, free_port, wait_for
+
 from jobs.errors import ConfigError
 from kd_worker.ops import service, units
 from kd_worker.ops.units import LABEL, REDIS_LABEL, REDIS_UNIT, UNIT, Run, Write
@@ -26,8 +26,17 @@ from kd_worker.settings import WorkerSettings
 
 # Every key of launchd.plist(5) a kd plist may use; a misspelt key (ExitTimeout) is silently ignored by launchd.
 LAUNCHD_KEYS = {
-    "Label", "ProgramArguments", "WorkingDirectory", "EnvironmentVariables", "RunAtLoad", "KeepAlive",
-    "ThrottleInterval", "ExitTimeOut", "ProcessType", "StandardOutPath", "StandardErrorPath",
+    "Label",
+    "ProgramArguments",
+    "WorkingDirectory",
+    "EnvironmentVariables",
+    "RunAtLoad",
+    "KeepAlive",
+    "ThrottleInterval",
+    "ExitTimeOut",
+    "ProcessType",
+    "StandardOutPath",
+    "StandardErrorPath",
 }
 
 
@@ -47,6 +56,7 @@ def home(tmp_path) -> Path:
 @pytest.fixture
 def no_commands(monkeypatch):
     """Any command reaching the one subprocess function fails the test."""
+
     def refuse(argv, quiet):
         raise AssertionError(f"dry run executed {argv}")
 
@@ -66,6 +76,7 @@ def printed_commands(out: str) -> list[str]:
 
 
 # --- launchd ---------------------------------------------------------------------------------------
+
 
 def test_worker_plist_parses_with_required_keys_and_types(home, tmp_path, no_commands):
     host = units.host_for("launchd", home=home)
@@ -152,6 +163,7 @@ def test_launchd_has_no_system_mode():
 
 # --- systemd ---------------------------------------------------------------------------------------
 
+
 def unit_sections(text: str) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(interpolation=None, strict=True)
     parser.optionxform = str  # systemd keys are case-sensitive
@@ -166,8 +178,11 @@ def systemd_verify(tmp_path: Path, files: list[Path], user: bool) -> None:
     env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
     argv = ["systemd-analyze", *(["--user"] if user else []), "verify", *map(str, files)]
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
-    ours = [line for line in (proc.stdout + proc.stderr).splitlines()
-            if any(f.name in line or str(f.parent) in line for f in files)]
+    ours = [
+        line
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if any(f.name in line or str(f.parent) in line for f in files)
+    ]
     assert proc.returncode == 0 and not ours, proc.stdout + proc.stderr
 
 
@@ -222,19 +237,27 @@ def test_exec_start_quoting_survives_unusual_paths(tmp_path, home):
 
 def test_env_file_reads_back_exactly(tmp_path):
     # systemd documents POSIX-shell double-quote rules for EnvironmentFile values; sh reads it back.
-    s = settings(redis_url="redis://:p$HOME\"`x`\\y'%z@127.0.0.1:6379/0", kd_defaults={"temperature": 2.0},
-                 cache_student=False)
+    s = settings(
+        redis_url="redis://:p$HOME\"`x`\\y'%z@127.0.0.1:6379/0", kd_defaults={"temperature": 2.0}, cache_student=False
+    )
     env_file = tmp_path / "kd.env"
     env_file.write_text(units.render_env_file(s))
     expected = units.service_env(s)
     script = '. "$1"; ' + " ".join(f'printf "%s\\0" "${k}";' for k in expected)
     got = subprocess.run(["sh", "-c", script, "sh", str(env_file)], capture_output=True, check=True, env={}).stdout
-    assert dict(zip(expected, got.decode().split("\0")[:-1])) == expected
+    assert dict(zip(expected, got.decode().split("\0")[:-1], strict=True)) == expected
 
 
 def test_service_env_round_trips_through_settings(monkeypatch):
-    s = settings(redis_url="unix:///tmp/r.sock?password=x", queue="kd-test", adapters_dir=Path("out/adapters"),
-                 kd_defaults={"alpha": 0.5}, cache_student=False, shutdown_grace=45, openblas_coretype="Haswell")
+    s = settings(
+        redis_url="unix:///tmp/r.sock?password=x",
+        queue="kd-test",
+        adapters_dir=Path("out/adapters"),
+        kd_defaults={"alpha": 0.5},
+        cache_student=False,
+        shutdown_grace=45,
+        openblas_coretype="Haswell",
+    )
     env = units.service_env(s)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -248,13 +271,19 @@ def test_systemd_dry_runs_print_the_commands(home, tmp_path, capsys, no_commands
     user = units.host_for("systemd", home=home)
     service.apply(units.plan("install", user, settings()), dry_run=tmp_path / "i")
     assert printed_commands(capsys.readouterr().out) == [
-        "systemctl --user daemon-reload", f"systemctl --user enable {UNIT}", f"systemctl --user restart {UNIT}"]
+        "systemctl --user daemon-reload",
+        f"systemctl --user enable {UNIT}",
+        f"systemctl --user restart {UNIT}",
+    ]
     assert sorted(p.name for p in (tmp_path / "i").iterdir()) == ["kd-worker.env", UNIT]
 
     service.apply(units.plan("uninstall", user, settings(), with_redis=True), dry_run=tmp_path / "u")
     out = capsys.readouterr().out
-    assert printed_commands(out) == [f"systemctl --user disable --now {UNIT}",
-                                     f"systemctl --user disable --now {REDIS_UNIT}", "systemctl --user daemon-reload"]
+    assert printed_commands(out) == [
+        f"systemctl --user disable --now {UNIT}",
+        f"systemctl --user disable --now {REDIS_UNIT}",
+        "systemctl --user daemon-reload",
+    ]
     assert f"[dry-run] rm -f {user.env_file}" in out.splitlines()
 
     system = units.host_for("systemd", system=True, home=home)
@@ -269,6 +298,7 @@ def test_system_units_refuse_the_user_level_redis(home):
 
 
 # --- the real (non-dry) path, with the one subprocess function replaced ----------------------------
+
 
 def test_install_writes_real_paths_and_runs_the_planned_commands(home, monkeypatch):
     calls = []
@@ -336,8 +366,9 @@ def test_a_template_that_breaks_the_plist_fails_at_render(monkeypatch, tmp_path,
 def test_cli_wiring_runs_a_dry_run(tmp_path, capsys, no_commands):
     parser = argparse.ArgumentParser(prog="kd-worker")
     service.add_service_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["service", "install", "--dry-run", str(tmp_path / "o"), "--manager", "systemd",
-                              "--system"])
+    args = parser.parse_args(
+        ["service", "install", "--dry-run", str(tmp_path / "o"), "--manager", "systemd", "--system"]
+    )
     assert args.func(args, settings(), None) == 0
     assert (tmp_path / "o" / UNIT).is_file()
     assert "[dry-run] $ systemctl enable kd-worker.service" in capsys.readouterr().out.splitlines()
@@ -352,6 +383,7 @@ def test_write_is_atomic_and_keeps_its_mode(tmp_path):
 
 
 # --- Redis: the shipped config, started for real ---------------------------------------------------
+
 
 def conf_directives(path: Path) -> dict[str, str]:
     out = {}
@@ -415,8 +447,11 @@ def test_rendered_redis_unit_starts_and_tells_systemd_it_is_ready(home, tmp_path
         sock.settimeout(20)
         with redis_process(argv + ["--port", str(port)], port, env={"NOTIFY_SOCKET": str(notify)}) as (_, client):
             messages = []
-            wait_for(lambda: messages.append(sock.recv(4096).decode()) or any("READY=1" in m for m in messages),
-                     timeout=20, what="READY=1 from redis-server (Type=notify)")
+            wait_for(
+                lambda: messages.append(sock.recv(4096).decode()) or any("READY=1" in m for m in messages),
+                timeout=20,
+                what="READY=1 from redis-server (Type=notify)",
+            )
             assert_queue_config(client)
             assert client.config_get("dir")["dir"] == str(host.redis_data)
 
@@ -459,8 +494,10 @@ def test_redis_conf_overrides_a_config_that_includes_it(tmp_path):
     port, data = free_port(), tmp_path / "data"
     data.mkdir()
     parent = tmp_path / "parent.conf"
-    parent.write_text(f"port {port}\ndir {data}\nappendonly no\nappendfsync always\n"
-                      f"maxmemory-policy allkeys-lru\nprotected-mode no\ninclude {SHIPPED_REDIS_CONF}\n")
+    parent.write_text(
+        f"port {port}\ndir {data}\nappendonly no\nappendfsync always\n"
+        f"maxmemory-policy allkeys-lru\nprotected-mode no\ninclude {SHIPPED_REDIS_CONF}\n"
+    )
     with redis_process([shutil.which("redis-server"), str(parent)], port) as (_, client):
         assert_queue_config(client)
         assert client.config_get("dir")["dir"] == str(data)

@@ -82,7 +82,10 @@ def test_config_merge_order_and_errors():
 
 
 def test_set_overrides_parse_json_or_strings():
-    assert parse_overrides(["temperature=4", "top_k=full", "lora_keys=[\"self_attn.q_proj\"]"]) == {
-        "temperature": 4, "top_k": "full", "lora_keys": ["self_attn.q_proj"]}
+    assert parse_overrides(["temperature=4", "top_k=full", 'lora_keys=["self_attn.q_proj"]']) == {
+        "temperature": 4,
+        "top_k": "full",
+        "lora_keys": ["self_attn.q_proj"],
+    }
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["temperature"])

