@@ -23,7 +23,8 @@ def ours(lm, convs, max_tokens: int, cache_dir: Path, batch: int) -> tuple[float
     from jobs.config import resolve_config
     from kd_worker.engine.cache import TargetCache
     from kd_worker.engine.data import Example, example_key
-    from kd_worker.engine.distill import _teacher_prompts, teacher_responses, teacher_targets
+    from kd_worker.engine.hooks import Hooks
+    from kd_worker.engine.teacher import Teacher
     from kd_worker.engine.vocab import VocabPlan
 
     cfg = resolve_config({"gen_max_tokens": max_tokens, "gen_temperature": 0.0, "gen_batch_size": batch})
@@ -31,9 +32,10 @@ def ours(lm, convs, max_tokens: int, cache_dir: Path, batch: int) -> tuple[float
     plan = VocabPlan("direct", lm.n_tokens, lm.n_tokens, lm.n_tokens, lm.rows, lm.rows)
     cache = TargetCache(cache_dir)
     t = time.perf_counter()
-    p = _teacher_prompts(lm, examples, cfg)
-    r = teacher_responses(lm, examples, p, cfg, cache, lambda _: None, lambda: None)
-    teacher_targets(lm, p, r, cfg, plan, cache, lambda _: None, lambda: None)
+    teacher = Teacher(lm, cache)
+    p = teacher.prompts(examples, cfg.max_seq_length)
+    r = teacher.responses(examples, p, cfg, Hooks())
+    teacher.targets(p, r, cfg, plan.n_vocab, Hooks())
     return time.perf_counter() - t, sum(len(x) for x in r)
 
 

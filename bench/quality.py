@@ -11,7 +11,7 @@ scratch to be competent, a smaller student pretrained on the format only; built 
 cached under --work by recipe digest.
 
 Every trained row is one `kd-worker distill --json` subprocess: the CLI a user runs, the same
-`run_distillation` the queue worker calls, with its prompt file, `--set` overrides, target cache
+`run_job` the queue worker calls, with its prompt file, `--set` overrides, target cache
 (KD_WORK_DIR, shared by all rows: a seed's teacher responses are generated once and reused by
 every row of that seed; targets are rescored only when top_k/T change) and publisher. A
 subprocess costs ~3 s of start-up against ~30-60 s of work per run, and it keeps each run's

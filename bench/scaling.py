@@ -1,5 +1,5 @@
 """Cost vs number of examples: a whole job (teacher phase, sequence building, one epoch of
-training) through run_distillation at 12..96 examples. Flat seconds-per-example = linear cost.
+training) through run_job at 12..96 examples. Flat seconds-per-example = linear cost.
 
     .venv/bin/python -m bench.scaling [--sizes 12 24 48 96]
 """
@@ -21,8 +21,11 @@ def prompts(n: int) -> list[dict]:
 
 
 def run(n: int, root: Path, models: dict[str, Path]) -> dict[str, float]:
+    from jobs.config import resolve_config
+    from kd_worker.daemon.lifecycle import run_job
     from kd_worker.daemon.runtime import Runtime
-    from kd_worker.engine.distill import DistillRequest, run_distillation
+    from kd_worker.engine.hooks import Hooks
+    from kd_worker.engine.types import DistillRequest
     from kd_worker.settings import WorkerSettings
 
     data = root / f"p{n}.jsonl"
@@ -30,9 +33,9 @@ def run(n: int, root: Path, models: dict[str, Path]) -> dict[str, float]:
     s = WorkerSettings(work_dir=root / f"work{n}", adapters_dir=root / f"ad{n}")
     iters = max(1, n // 4)  # one epoch at batch size 4
     over = {"iterations": iters, "gen_max_tokens": 32, "val_fraction": 0.0, "save_every": iters, "val_every": iters}
-    req = DistillRequest("memory", (("prompts", data),), models["teacher"], models["student"], f"n{n}", over)
+    req = DistillRequest("memory", (("prompts", data),), models["teacher"], models["student"], f"n{n}")
     t = time.perf_counter()
-    out = run_distillation(req, Runtime(s), s, lambda p: None, lambda: None)
+    out = run_job(req, resolve_config(over), Runtime(s), s, Hooks())
     total = time.perf_counter() - t
     m = json.loads((Path(out["adapter_path"]) / "kd_metrics.json").read_text())
     return {"total": total, "teacher": m["timing"]["teacher_s"], "train": m["timing"]["train_s"], "iters": iters}

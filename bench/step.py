@@ -85,7 +85,8 @@ def time_components(lm, cfg, b, tokens, lengths, repeats: int) -> dict[str, floa
     from mlx_lm.tuner.trainer import default_loss
 
     from kd_worker.engine.models import head_logits, hidden_at
-    from kd_worker.engine.trainer import make_step, to_mx_targets, uld_rows
+    from kd_worker.engine.objective import Objective, to_mx_targets, uld_rows
+    from kd_worker.engine.trainer import make_step
 
     x, pos, t = mx.array(b.inputs), mx.array(b.positions), tuple(to_mx_targets(b))
     uld = uld_rows(b)
@@ -97,7 +98,7 @@ def time_components(lm, cfg, b, tokens, lengths, repeats: int) -> dict[str, floa
 
     body = grad_of(lambda m: hidden_at(lm, x, pos).sum())
     head = grad_of(lambda m: head_logits(lm, hidden_at(lm, x, pos), n_vocab).sum())
-    ours, state = make_step(lm, cfg, n_vocab, optim.Adam(learning_rate=1e-4))
+    ours, state = make_step(lm, Objective.from_config(cfg, n_vocab), optim.Adam(learning_rate=1e-4))
     opt2 = optim.Adam(learning_rate=1e-4)
     vg = nn.value_and_grad(lm.model, default_loss)
     st2 = [lm.model.state, opt2.state, mx.random.state]

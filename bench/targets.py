@@ -53,12 +53,13 @@ def loss_memory(positions: int, vocab: int = 151_936, k: int = 64) -> list[list]
     from bench.step import BODY, batch, student
     from kd_worker.engine import losses as L
     from kd_worker.engine.models import hidden_at
-    from kd_worker.engine.trainer import head_sums, to_mx_targets, train_loss
+    from kd_worker.engine.objective import Objective, to_mx_targets
 
     body = {**BODY, "num_hidden_layers": 1}
     lm, cfg = student(vocab, body)
     b, _, _ = batch(vocab, 4, 16, positions // 4, k=k)
     x, pos, t = mx.array(b.inputs), mx.array(b.positions), to_mx_targets(b)
+    obj = Objective.from_config(cfg, vocab)
     teacher_logits = mx.array(np.random.default_rng(0).normal(0, 3, (positions, vocab)).astype(np.float32))
     mx.eval(teacher_logits)
 
@@ -72,10 +73,10 @@ def loss_memory(positions: int, vocab: int = 151_936, k: int = 64) -> list[list]
         return cfg.alpha * cfg.temperature**2 * kl + (1 - cfg.alpha) * ce
 
     def autodiff(model):
-        return L.combine(L.LossSums(*head_sums(lm, hidden_at(lm, x, pos), t, vocab, cfg)), cfg.temperature, cfg.alpha)
+        return L.combine(obj.sums(lm, hidden_at(lm, x, pos), t), cfg.temperature, cfg.alpha)
 
     def fused(model):
-        return train_loss(lm, x, pos, t, vocab, cfg)[0]
+        return obj.loss(lm, hidden_at(lm, x, pos), t)[0]
 
     rows = []
     for name, fn, teacher_elems in (

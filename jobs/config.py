@@ -21,7 +21,7 @@ PositiveInt = Annotated[int, Field(ge=1)]
 class KDConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # Loss (layer 4)
+    # Loss: what the student learns from the teacher per response token
     temperature: Annotated[float, Field(ge=0.5, le=10.0)] = 2.0
     alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.7
     top_k: Annotated[int, Field(ge=1, le=65536)] | Literal["full"] = 64
@@ -35,7 +35,7 @@ class KDConfig(BaseModel):
     lora_layers: Annotated[int, Field(ge=-1)] = 16
     lora_keys: tuple[str, ...] | None = None
 
-    # Training (layer 5)
+    # Training: the LoRA loop, validation and checkpoint cadence
     learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-4
     batch_size: Annotated[int, Field(ge=1, le=1024)] = 4
     iterations: Annotated[int, Field(ge=1, le=1_000_000)] = 200
@@ -45,7 +45,7 @@ class KDConfig(BaseModel):
     save_every: PositiveInt = 100
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
 
-    # Teacher generation (layer 3); top_p is applied on a top-k pre-selection, never a full sort.
+    # Teacher generation; top_p is applied on a top-k pre-selection, never a full sort.
     gen_max_tokens: Annotated[int, Field(ge=1, le=32768)] = 128
     gen_temperature: Annotated[float, Field(ge=0.0, le=5.0)] = 0.7
     gen_top_k: Annotated[int, Field(ge=0, le=65536)] = 40

@@ -54,11 +54,3 @@ class JobInterrupted(KDError):
     """The worker is shutting down; the job checkpointed and will resume."""
 
     retryable = True
-
-
-def raise_if_stopped(reason: str | None, where: str, resume_note: str) -> None:
-    """Turn a stop request ("cancel" / "shutdown", see kd_worker.daemon.runtime.JobControl) into the job's exception."""
-    if reason == "cancel":
-        raise JobCanceled(f"canceled {where}")
-    if reason == "shutdown":
-        raise JobInterrupted(f"interrupted for shutdown {where}; {resume_note}")

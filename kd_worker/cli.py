@@ -69,17 +69,17 @@ def _file_sha(path: Path) -> str:
 
 def cmd_distill(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
     from jobs.config import parse_overrides, resolve_config
+    from kd_worker.daemon.lifecycle import run_job
     from kd_worker.daemon.runtime import Runtime
-    from kd_worker.engine.distill import DistillRequest, run_distillation
+    from kd_worker.engine.types import DataKind, DistillRequest
     from kd_worker.ops.console import ConsoleProgress
 
     if args.out:
         settings = settings.model_copy(update={"adapters_dir": Path(args.out)})
     overrides = parse_overrides(args.set or [])
-    resolve_config(settings.kd_defaults, overrides)  # fail fast on a bad --set, before any model loads
-    data = [("prompts", Path(p)) for p in args.prompts or []] + [
-        ("corrections", Path(p)) for p in args.corrections or []
-    ]
+    cfg = resolve_config(settings.kd_defaults, overrides)  # fails fast on a bad --set, before any model loads
+    kinds: list[tuple[DataKind, list[str]]] = [("prompts", args.prompts or []), ("corrections", args.corrections or [])]
+    data = [(kind, Path(p)) for kind, paths in kinds for p in paths]
     if not data:
         raise KDError("give --prompts FILE and/or --corrections FILE")
     teacher = require_model_dir(Path(args.teacher) if args.teacher else settings.teacher, "--teacher / KD_TEACHER")
@@ -89,9 +89,9 @@ def cmd_distill(args: argparse.Namespace, settings: WorkerSettings, blas) -> int
         sort_keys=True,
     )
     run_id = "cli-" + hashlib.sha256(ident.encode()).hexdigest()[:20]
-    req = DistillRequest(args.domain, tuple(data), teacher, student, run_id, overrides, args.force)
+    req = DistillRequest(args.domain, tuple(data), teacher, student, run_id, force_publish=args.force)
     with ConsoleProgress(enabled=not args.json) as progress:
-        outcome = run_distillation(req, Runtime(settings), settings, progress, lambda: None)
+        outcome = run_job(req, cfg, Runtime(settings), settings, progress)
     print_outcome(outcome, args.json)
     return EXIT_OK if outcome["published"] else EXIT_REJECTED
 

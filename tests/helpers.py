@@ -219,10 +219,24 @@ def distill(
     should_stop: Callable | None = None,
     publish_guard: Callable = contextlib.nullcontext,
 ) -> dict[str, Any]:
-    """One `run_distillation` on the tiny models; `data` defaults to the domain's bundled sample
-    prompts, `settings` to work/ and adapters_kd/ under `tmp`, `runtime` to a fresh one."""
+    """One `run_job` (what `kd-worker distill` and the queue run) on the tiny models; `data` defaults
+    to the domain's bundled sample prompts, `settings` to work/ and adapters_kd/ under `tmp`,
+    `runtime` to a fresh one. `progress(p)` hears Progress events; `should_stop()` returns None,
+    "cancel" or "shutdown"."""
+    from jobs.config import resolve_config
+    from kd_worker.daemon.lifecycle import run_job
     from kd_worker.daemon.runtime import Runtime
-    from kd_worker.engine.distill import DistillRequest, run_distillation
+    from kd_worker.engine.hooks import Hooks, Progress, Stop
+    from kd_worker.engine.types import DistillRequest
+
+    class TestHooks(Hooks):
+        def on_progress(self, p: Progress) -> None:
+            if progress is not None:
+                progress(p)
+
+        def should_stop(self) -> Stop | None:
+            reason = should_stop() if should_stop is not None else None
+            return Stop(reason) if reason else None
 
     s = settings or engine_settings(tmp)
     req = DistillRequest(
@@ -231,14 +245,11 @@ def distill(
         models_root / teacher,
         models_root / student,
         run_id,
-        overrides or {},
-        force_publish,
-        job_id,
-        reuse_outcome,
+        job_id=job_id,
+        force_publish=force_publish,
     )
-    return run_distillation(
-        req, runtime or Runtime(s), s, progress or (lambda p: None), should_stop or (lambda: None), publish_guard
-    )
+    cfg = resolve_config(s.kd_defaults, overrides or {})
+    return run_job(req, cfg, runtime or Runtime(s), s, TestHooks(), publish_guard, reuse_outcome)
 
 
 class WorkerProcess:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import structlog
 from redis import Redis, RedisError
@@ -26,8 +26,8 @@ from redis.exceptions import LockError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from jobs.errors import raise_if_stopped
 from jobs.models import active_key, health_key, published_key
+from kd_worker.engine.hooks import Hooks, check_stop
 
 log = structlog.get_logger(__name__)
 
@@ -79,13 +79,11 @@ def holder_is_dead(conn: Redis, holder: str, job_id: str) -> bool:
     return job is None or not is_running(conn, job)
 
 
-def _stop_waiting(should_stop: Callable[[], str | None], what: str) -> None:
-    raise_if_stopped(should_stop(), f"while waiting for {what}", "training is checkpointed")
+def _stop_waiting(hooks: Hooks, what: str) -> None:
+    check_stop(hooks, f"while waiting for {what}", "training is checkpointed")
 
 
-def acquire_publish_lock(
-    conn: Redis, domain: str, job_id: str, should_stop: Callable[[], str | None], poll_s: float, lock_timeout_s: int
-):
+def acquire_publish_lock(conn: Redis, domain: str, job_id: str, hooks: Hooks, poll_s: float, lock_timeout_s: int):
     lock = conn.lock(publish_lock_key(domain), timeout=lock_timeout_s)
     while not lock.acquire(blocking=False, token=job_id):
         raw = conn.get(lock.name)
@@ -93,7 +91,7 @@ def acquire_publish_lock(
             if conn.eval(_DELETE_IF, 1, lock.name, raw):
                 log.warning("stale_publish_lock_broken", domain=domain, holder=raw.decode())
             continue
-        _stop_waiting(should_stop, f"the publish lock of {domain}")
+        _stop_waiting(hooks, f"the publish lock of {domain}")
         time.sleep(poll_s)  # another worker is publishing this domain: a poll interval, not a guess
     return lock
 
@@ -104,7 +102,7 @@ def in_order(
     domain: str,
     job_id: str,
     ticket: int | None,
-    should_stop: Callable[[], str | None],
+    hooks: Hooks,
     poll_s: float = 1.0,
     lock_timeout_s: int = 24 * 3600,
 ) -> Iterator[str | None]:
@@ -113,10 +111,10 @@ def in_order(
         yield None
         return
     while waiting := running_earlier(conn, domain, ticket):
-        _stop_waiting(should_stop, "earlier jobs of the domain to publish")
+        _stop_waiting(hooks, "earlier jobs of the domain to publish")
         log.info("publish_waiting", domain=domain, ticket=ticket, earlier=waiting)
         time.sleep(poll_s)  # waiting on other workers' jobs: a poll interval, not a guessed duration
-    lock = acquire_publish_lock(conn, domain, job_id, should_stop, poll_s, lock_timeout_s)
+    lock = acquire_publish_lock(conn, domain, job_id, hooks, poll_s, lock_timeout_s)
     try:
         newest = int(conn.get(published_key(domain)) or 0)
         if newest > ticket:

@@ -13,6 +13,7 @@ from typing import Any
 import mlx.core as mx
 import structlog
 
+from kd_worker.engine.hooks import StopKind
 from kd_worker.engine.models import LoadedModel, load_model_dir
 from kd_worker.settings import WorkerSettings
 
@@ -75,7 +76,7 @@ class JobControl:
     def shutting_down(self) -> bool:
         return self._shutdown
 
-    def reason(self, job_id: str) -> str | None:
+    def reason(self, job_id: str) -> StopKind | None:
         if job_id in self._canceled:
             return "cancel"
         return "shutdown" if self._shutdown else None

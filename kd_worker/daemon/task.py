@@ -1,6 +1,7 @@
-"""The only RQ entry point: `run_kd_job(payload)`. Validates the payload before touching any
-file, fetches the training data by sha256, reports progress into job.meta, and runs the same
-`run_distillation` as `kd-worker distill`, with the worker's resident models."""
+"""The only RQ entry point: `run_kd_job(payload)`. Validates the payload and resolves the job's
+KDConfig before touching any file, fetches the training data by sha256, and runs the same
+`run_job` as `kd-worker distill`, with the worker's resident models, progress into job.meta and
+the per-domain publish order."""
 
 from __future__ import annotations
 
@@ -11,18 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from redis import Redis, RedisError
+from redis import Redis
 from rq import Retry, get_current_job
 from rq.job import Job
 
 from jobs.config import resolve_config
 from jobs.errors import ConfigError, DataError, JobInterrupted, SecurityError
-from jobs.models import KDJob, blob_key, cancel_key, parse_job
+from jobs.models import KDJob, blob_key, parse_job
 from jobs.publisher import write_bytes_atomic
 from kd_worker.daemon import ordering
-from kd_worker.daemon.runtime import WorkerContext, current_context
-from kd_worker.engine.distill import DistillRequest, run_distillation
-from kd_worker.engine.trainer import Progress
+from kd_worker.daemon.lifecycle import run_job
+from kd_worker.daemon.progress import JobStop, MetaProgress
+from kd_worker.daemon.runtime import current_context
+from kd_worker.engine.hooks import HookList
+from kd_worker.engine.types import DistillRequest
 from kd_worker.settings import WorkerSettings, require_model_dir
 
 log = structlog.get_logger(__name__)
@@ -69,53 +72,6 @@ def resolve_models(job: KDJob, settings: WorkerSettings) -> tuple[Path, Path]:
     return pick(job.teacher, settings.teacher, "KD_TEACHER"), pick(job.student, settings.student, "KD_STUDENT")
 
 
-class MetaProgress:
-    """Progress -> job.meta["progress"], at most every `every_s` seconds (and on phase changes)."""
-
-    def __init__(self, job: Job, every_s: float = 1.0):
-        self.job, self.every_s = job, every_s
-        self._last, self._phase = 0.0, None
-
-    def __call__(self, p: Progress) -> None:
-        now = time.monotonic()
-        if now - self._last < self.every_s and p.phase == self._phase and p.step < p.total:
-            return
-        self._last, self._phase = now, p.phase
-        self.job.meta["progress"] = {
-            "phase": p.phase,
-            "step": p.step,
-            "total": p.total,
-            "metrics": p.metrics,
-            "tokens_per_s": p.tokens_per_s,
-            "eta_s": p.eta_s,
-            "updated_at": time.time(),
-        }
-        try:
-            self.job.save_meta()
-        except RedisError as e:  # progress is advisory; the job itself must not die of a Redis blip
-            log.warning("progress_not_saved", error=str(e))
-
-
-def make_stopper(ctx: WorkerContext, job_id: str, every_s: float = 1.0):
-    """should_stop() for the trainer: the worker's flags, plus the cancel key (pubsub may be missed)."""
-    last = [0.0]
-
-    def should_stop() -> str | None:
-        if (reason := ctx.control.reason(job_id)) is not None:
-            return reason
-        if time.monotonic() - last[0] >= every_s:
-            last[0] = time.monotonic()
-            try:
-                if ctx.connection.exists(cancel_key(job_id)):
-                    ctx.control.cancel(job_id)
-                    return "cancel"
-            except RedisError:
-                pass  # Redis away: the job keeps training; cancel is checked again later
-        return None
-
-    return should_stop
-
-
 def job_ticket(rq_job: Job) -> int | None:
     """The submission ticket (publish order) from job.meta; it also names the run directory, so
     anything but an integer (e.g. "../../x" written by a hostile producer) is refused."""
@@ -130,7 +86,7 @@ def run_kd_job(payload: dict[str, Any]) -> Any:
     rq_job = get_current_job()
     # everything a payload controls is validated before any file is touched
     spec = parse_job(payload)
-    resolve_config(ctx.settings.kd_defaults, spec.overrides)
+    cfg = resolve_config(ctx.settings.kd_defaults, spec.overrides)  # the one place a queued job's config is resolved
     ticket = job_ticket(rq_job)
     structlog.contextvars.bind_contextvars(job_id=rq_job.id, domain=spec.domain)
     started = time.perf_counter()
@@ -144,19 +100,18 @@ def run_kd_job(payload: dict[str, Any]) -> Any:
             teacher,
             student,
             run_id=f"{rq_job.id}-{ticket or 0}",
-            overrides=dict(spec.overrides),
-            force_publish=spec.force_publish,
             job_id=rq_job.id,
-            reuse_outcome=True,
+            force_publish=spec.force_publish,
         )
-        stop = make_stopper(ctx, rq_job.id)
-        outcome = run_distillation(
+        stop = JobStop(ctx, rq_job.id)
+        outcome = run_job(
             req,
+            cfg,
             ctx.runtime,
             ctx.settings,
-            MetaProgress(rq_job),
-            stop,
+            HookList(stop, MetaProgress(rq_job)),
             publish_guard=lambda: ordering.in_order(ctx.connection, spec.domain, rq_job.id, ticket, stop),
+            reuse_outcome=True,
         )
     except JobInterrupted as e:
         log.info("job_interrupted", reason=str(e))

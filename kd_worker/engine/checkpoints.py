@@ -24,6 +24,14 @@ def save_adapter_file(path: Path, arrays: dict[str, mx.array]) -> None:
         raise OSError(errno.ENOSPC if full else errno.EIO, f"cannot write {path.name}: {e}") from e
 
 
+def load_arrays(path: Path) -> dict[str, mx.array]:
+    """The named arrays of a safetensors file (mx.load's one-file form)."""
+    arrays = mx.load(str(path))
+    if not isinstance(arrays, dict):
+        raise OSError(errno.EINVAL, f"{path} holds no named arrays")
+    return arrays
+
+
 class DirCheckpointStore:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -48,7 +56,7 @@ class DirCheckpointStore:
 
     def load(self, step: int) -> tuple[dict[str, mx.array], dict[str, Any]]:
         d = self._dir(step)
-        return mx.load(str(d / "state.safetensors")), json.loads((d / "state.json").read_text())
+        return load_arrays(d / "state.safetensors"), json.loads((d / "state.json").read_text())
 
     def latest(self) -> tuple[int, dict[str, mx.array], dict[str, Any]] | None:
         steps = self.steps()

@@ -1,16 +1,12 @@
-"""Data: JSONL files -> examples -> student token sequences -> padded batches.
-
-Batches are a pure function of (seed, step): sequences are sorted by length, cut into
-batches, and each epoch visits the batches in a seeded permutation. Resuming at step N
-therefore replays exactly the batches an uninterrupted run would have seen.
-"""
+"""Data: JSONL files -> examples -> student token sequences -> padded batches (which batch
+is trained when is `kd_worker.engine.batches`' business)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +45,7 @@ class SoftTargets:
     def head(self, n: int) -> "SoftTargets":
         """The targets of the first n response tokens (a response cut to max_seq_length)."""
         return SoftTargets(
-            *(getattr(self, f)[:n] for f in FIELDS), uld_mask=None if self.uld_mask is None else self.uld_mask[:n]
+            **{f: getattr(self, f)[:n] for f in FIELDS}, uld_mask=None if self.uld_mask is None else self.uld_mask[:n]
         )
 
 
@@ -57,7 +53,7 @@ FIELDS = ("ids", "logp", "tail", "lse_t", "kd_mask")  # the stored arrays of Sof
 
 
 @dataclass
-class Sequence_:
+class StudentSequence:
     """One student training sequence: tokens + targets for its response part."""
 
     tokens: np.ndarray  # [L] int32, prompt + response (EOS included when the teacher stopped)
@@ -71,6 +67,10 @@ class Batch:
     positions: np.ndarray  # [N] int32 flat indices into inputs predicting each response token
     labels: np.ndarray  # [N] int32
     targets: SoftTargets  # concatenated over the batch, [N, K]
+    # A batch source may train its batches on another objective (e.g. reverse KL on-policy; None:
+    # the loop's own) and report a few numbers per step (kd_metrics.json's "train" rows).
+    objective: Any = None  # kd_worker.engine.objective.Objective | None
+    info: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
@@ -120,21 +120,7 @@ def render_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[in
     return list(tokenizer.encode(text))
 
 
-def batch_plan(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
-    """Length-sorted index groups (similar lengths share a batch: less padding)."""
-    order = np.argsort(np.asarray(lengths), kind="stable")
-    bs = max(1, min(batch_size, len(order)))
-    return [order[i : i + bs] for i in range(0, len(order), bs)]
-
-
-def batch_for_step(plan: list[np.ndarray], step: int, seed: int) -> np.ndarray:
-    """Indices of the batch trained at `step` (0-based): a pure function of (seed, step)."""
-    epoch, pos = divmod(step, len(plan))
-    perm = np.random.default_rng([seed, epoch]).permutation(len(plan))
-    return plan[perm[pos]]
-
-
-def collate(seqs: Sequence[Sequence_], pad_id: int = 0, pad_to: int = 8) -> Batch:
+def collate(seqs: Sequence[StudentSequence], pad_id: int = 0, pad_to: int = 8) -> Batch:
     """Right-pad to a multiple of `pad_to`; gather response positions; concatenate targets."""
     longest = max(len(s.tokens) for s in seqs) - 1
     width = -(-longest // pad_to) * pad_to
@@ -153,7 +139,7 @@ def collate(seqs: Sequence[Sequence_], pad_id: int = 0, pad_to: int = 8) -> Batc
         positions=np.concatenate(positions).astype(np.int32),
         labels=np.concatenate(labels).astype(np.int32),
         targets=SoftTargets(
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in FIELDS), uld_mask=np.concatenate(uld)
+            **{f: np.concatenate([getattr(p, f) for p in parts]) for f in FIELDS}, uld_mask=np.concatenate(uld)
         ),
     )
 

@@ -135,7 +135,7 @@ def load_model_dir(path: Path, dtype_setting: str = "auto", identity_cache: Path
     if not list(path.glob("*.safetensors")):
         raise ModelError(f"{path} has no *.safetensors weights")
     try:
-        model, tokenizer = mlx_lm.load(str(path))
+        model, tokenizer = mlx_lm.load(str(path))[:2]  # (model, tokenizer[, config])
     except Exception as e:  # third-party loaders raise many types; the job needs one clear error
         raise ModelError(f"cannot load model {path}: {type(e).__name__}: {e}") from e
     dtype = compute_dtype(dtype_setting)

@@ -1,112 +1,27 @@
-"""The output layer (seed layer 6): the publish gate, the files of one version (mlx-lm's adapter
-layout + KD configuration, metrics, checkpoints) and the summary entry. Writes go through
-jobs.publisher, the only writer of adapters_kd/."""
+"""The documents of a published version and handing it to `jobs.publisher` (the only writer of
+adapters_kd/): mlx-lm's adapter layout (adapters.safetensors + adapter_config.json, which
+`mlx_lm.load(..., adapter_path=...)` and `mlx_lm fuse` read unchanged) plus the KD
+configuration, kd_metrics.json, the run's checkpoints and the summary entry."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlx.core as mx
+import structlog
 
 from jobs import publisher
 from jobs.config import KDConfig
-from kd_worker.engine.checkpoints import DirCheckpointStore, save_adapter_file
-from kd_worker.engine.data import Sequence_
+from kd_worker.engine import xtok
+from kd_worker.engine.checkpoints import save_adapter_file
+from kd_worker.engine.hooks import Hooks, Progress
 from kd_worker.engine.models import LoadedModel
-from kd_worker.engine.trainer import adapter_weights, evaluate, lora_layer_count
+from kd_worker.engine.trainer import adapter_weights, lora_layer_count
+from kd_worker.engine.types import Candidate
 from kd_worker.engine.vocab import VocabPlan
-from kd_worker.settings import WorkerSettings
 
-if TYPE_CHECKING:
-    from kd_worker.engine.types import DistillRequest, Prepared
-
-
-def publish_gate(
-    student: LoadedModel,
-    val: Sequence[Sequence_],
-    cfg: KDConfig,
-    n_vocab: int,
-    settings: WorkerSettings,
-    domain: str,
-    candidate: dict[str, float],
-    identity: dict[str, Any],
-) -> dict[str, Any]:
-    """Compare the candidate with the published adapter of the domain on this job's held-out data."""
-    current = publisher.resolve(settings.adapters_dir, domain)
-    if current is None:
-        return {"decision": "publish", "reason": "first version of the domain"}
-    if not val:
-        return {"decision": "publish", "reason": "no held-out data to compare on"}
-    try:
-        manifest = publisher.verify(current.path)
-        pub_cfg = manifest["summary"].get("adapter", {})
-    except (publisher.PublishError, KeyError) as e:
-        return {"decision": "publish", "reason": f"current version unreadable: {e}"}
-    if pub_cfg != identity["adapter"]:
-        return {"decision": "publish", "reason": "published adapter has another student or LoRA shape"}
-    mine = {k: mx.array(v) for k, v in adapter_weights(student.model).items()}
-    student.model.load_weights(list(mx.load(str(current.path / publisher.WEIGHTS)).items()), strict=False)
-    baseline = evaluate(student, val, cfg, n_vocab)
-    student.model.load_weights(list(mine.items()), strict=False)
-    regress = candidate["kl"] > baseline["kl"] * (1 + settings.gate_tolerance) + 1e-9
-    return {
-        "decision": "reject" if regress else "publish",
-        "reason": "higher held-out KL than the published version"
-        if regress
-        else "not worse than the published version",
-        "candidate_kl": candidate["kl"],
-        "published_kl": baseline["kl"],
-        "published_version": current.number,
-    }
-
-
-def write_version(
-    stage: Path,
-    student: LoadedModel,
-    cfg: KDConfig,
-    store: DirCheckpointStore,
-    config_doc: dict[str, Any],
-    metrics: dict[str, Any],
-) -> None:
-    """Files of one version, mlx-lm's adapter layout (+ KD config, metrics, checkpoints)."""
-    save_adapter_file(stage / publisher.WEIGHTS, adapter_weights(student.model))
-    publisher.write_json_atomic(stage / publisher.ADAPTER_CONFIG, config_doc)
-    publisher.write_json_atomic(stage / publisher.METRICS, metrics)
-    for step in store.steps():
-        d = stage / f"checkpoint_{step}"
-        d.mkdir()
-        save_adapter_file(d / publisher.WEIGHTS, store.adapter(step))
-        publisher.write_json_atomic(d / publisher.ADAPTER_CONFIG, {**config_doc, "checkpoint_step": step})
-
-
-def own_version(root: Path, req: DistillRequest) -> dict[str, Any] | None:
-    """This run's outcome if a version it published went live, i.e. its job failed after the
-    pointer swap (Redis lost at the ordering guard's exit, a kill before outcome.json)."""
-    current = publisher.resolve(root, req.domain)
-    for v in reversed(publisher.versions(root, req.domain)):
-        if current is None or v.number > current.number:
-            continue  # staged and renamed but never made current: publish again
-        try:
-            entry = json.loads((v.path / publisher.MANIFEST).read_text())["summary"]
-        except (OSError, ValueError, KeyError):
-            continue
-        if entry.get("run_id") == req.run_id:
-            metrics = entry.get("metrics", {})
-            return {
-                "domain": req.domain,
-                "run_id": req.run_id,
-                "gate": entry.get("gate", {}),
-                "before": metrics.get("before", {}),
-                "after": metrics.get("after", {}),
-                "published": True,
-                "version": v.number,
-                "adapter_path": str(v.path),
-                "seconds": 0.0,
-            }
-    return None
+log = structlog.get_logger(__name__)
 
 
 def identity_doc(teacher: LoadedModel, student: LoadedModel, cfg: KDConfig, plan: VocabPlan) -> dict[str, Any]:
@@ -128,17 +43,19 @@ def identity_doc(teacher: LoadedModel, student: LoadedModel, cfg: KDConfig, plan
     }
 
 
-def metrics_doc(result, gate: dict[str, Any], n_examples: int, data: Prepared) -> dict[str, Any]:
+def metrics_doc(c: Candidate, gate: dict[str, Any]) -> dict[str, Any]:
+    """kd_metrics.json: loss curves, before/after, the gate's decision, data, timing, targets."""
+    data, result = c.data, c.result
     seqs = data.train + data.val
     n_target_tokens = sum(len(t) for t in data.targets)
     return {
         "train": result.history["train"],
         "val": result.history["val"],
-        "before": result.history["val"][0],
-        "after": result.history["val"][-1],
+        "before": c.before,
+        "after": c.after,
         "gate": gate,
         "data": {
-            "examples": n_examples,
+            "examples": c.n_examples,
             "train": len(data.train),
             "val": len(data.val),
             "response_tokens": int(sum(len(s.tokens) - s.resp_start for s in seqs)),
@@ -155,11 +72,49 @@ def metrics_doc(result, gate: dict[str, Any], n_examples: int, data: Prepared) -
             "bytes_per_token": sum(t.nbytes for t in data.targets) / max(n_target_tokens, 1),
         },
         "vocabulary": {"mode": data.plan.mode, "notes": list(data.plan.notes)},
-        **({"xtok": _xtok_report(seqs)} if data.plan.mode == "cross" else {}),
+        **({"xtok": xtok.coverage_report(seqs)} if data.plan.mode == "cross" else {}),
     }
 
 
-def _xtok_report(seqs: Sequence[Sequence_]) -> dict[str, Any]:
-    from kd_worker.engine import xtok
+def config_doc(c: Candidate) -> dict[str, Any]:
+    """adapter_config.json: mlx-lm's fields, plus the job's KD configuration and identities."""
+    return {
+        "fine_tune_type": "lora",
+        **{k: c.identity["adapter"][k] for k in ("num_layers", "lora_parameters")},
+        "kd": {"config": c.cfg.model_dump(mode="json"), **c.identity},
+    }
 
-    return xtok.coverage_report(seqs)
+
+def write_version(stage: Path, c: Candidate, metrics: dict[str, Any]) -> None:
+    """Files of one version, mlx-lm's adapter layout (+ KD config, metrics, checkpoints)."""
+    config = config_doc(c)
+    save_adapter_file(stage / publisher.WEIGHTS, adapter_weights(c.student.model))
+    publisher.write_json_atomic(stage / publisher.ADAPTER_CONFIG, config)
+    publisher.write_json_atomic(stage / publisher.METRICS, metrics)
+    for step in c.checkpoints.steps():
+        d = stage / f"checkpoint_{step}"
+        d.mkdir()
+        save_adapter_file(d / publisher.WEIGHTS, c.checkpoints.adapter(step))
+        publisher.write_json_atomic(d / publisher.ADAPTER_CONFIG, {**config, "checkpoint_step": step})
+
+
+def publish(c: Candidate, adapters_dir: Path, gate: dict[str, Any], keep: int, hooks: Hooks) -> publisher.Version:
+    """Write the candidate as the domain's next version and make it current."""
+    req = c.request
+    metrics = metrics_doc(c, gate)
+    entry = {
+        "job_id": req.job_id,
+        "run_id": req.run_id,
+        **c.identity,
+        "metrics": {"before": c.before, "after": c.after},
+        "data": metrics["data"],
+        "gate": gate,
+        "forced": req.force_publish and gate["decision"] == "reject",
+    }
+    hooks.on_progress(Progress("publish", 0, 1))
+    version = publisher.publish(
+        adapters_dir, req.domain, lambda stage: write_version(stage, c, metrics), entry, keep=keep
+    )
+    hooks.on_progress(Progress("publish", 1, 1))
+    log.info("distillation_published", domain=req.domain, version=version.number, path=str(version.path))
+    return version

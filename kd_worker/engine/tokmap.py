@@ -122,8 +122,8 @@ def token_table(hf_tokenizer: Any) -> TokenTable:
     preferred: dict[bytes, int] = {}
     # a tokenizer emits a byte-fallback piece only for bytes it has no normal piece for
     for i in sorted(range(len(pieces)), key=lambda i: (i in byte_pieces, i)):
-        if pieces[i] is not None:
-            preferred.setdefault(pieces[i], i)
+        if (piece := pieces[i]) is not None:
+            preferred.setdefault(piece, i)
     return TokenTable(tuple(pieces), preferred, specials, scheme)
 
 

@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from kd_worker.engine.data import Example, Sequence_, SoftTargets
+from jobs.config import KDConfig
+from kd_worker.engine.checkpoints import DirCheckpointStore
+from kd_worker.engine.data import Example, SoftTargets, StudentSequence
+from kd_worker.engine.models import LoadedModel
 from kd_worker.engine.vocab import VocabPlan
+
+DataKind = Literal["prompts", "corrections"]
 
 
 @dataclass(frozen=True)
 class DistillRequest:
+    """One job: the domain, its data files, the models, and who asked (for the record)."""
+
     domain: str
-    data: tuple[tuple[Literal["prompts", "corrections"], Path], ...]
+    data: tuple[tuple[DataKind, Path], ...]
     teacher: Path
     student: Path
-    run_id: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-    force_publish: bool = False
+    run_id: str  # names the run's checkpoints; retries and requeues of one submission share it
     job_id: str | None = None
-    reuse_outcome: bool = False  # queue retries of one submission: a finished run is not redone
+    force_publish: bool = False
 
 
 @dataclass
@@ -36,6 +41,38 @@ class Prepared:
 
     plan: VocabPlan
     targets: list[SoftTargets]
-    train: list[Sequence_]
-    val: list[Sequence_]
+    train: list[StudentSequence]
+    val: list[StudentSequence]
     teacher_s: float
+
+
+@dataclass
+class TrainResult:
+    history: dict[str, list[dict[str, float]]]
+    resumed_from: int
+    seconds: float
+    tokens: int
+
+
+@dataclass
+class Candidate:
+    """A trained adapter not yet published: what the gate judges and the publisher writes."""
+
+    request: DistillRequest
+    cfg: KDConfig
+    teacher: LoadedModel
+    student: LoadedModel  # with the candidate's LoRA layers attached
+    data: Prepared
+    result: TrainResult
+    checkpoints: DirCheckpointStore
+    n_examples: int
+    identity: dict[str, Any]  # teacher, student, vocabulary and adapter shape (outputs.identity_doc)
+
+    @property
+    def after(self) -> dict[str, float]:
+        """The last validation (step 0 is always evaluated, so there is one)."""
+        return self.result.history["val"][-1]
+
+    @property
+    def before(self) -> dict[str, float]:
+        return self.result.history["val"][0]

@@ -17,10 +17,12 @@ from typing import Any, Literal
 
 from jobs.errors import VocabularyMismatch
 
+VocabMode = Literal["direct", "sliced", "cross"]
+
 
 @dataclass(frozen=True)
 class VocabPlan:
-    mode: Literal["direct", "sliced", "cross"]
+    mode: VocabMode
     n_vocab: int  # ids below this are real tokens (the teacher's, in cross mode)
     teacher_tokens: int
     student_tokens: int
@@ -54,8 +56,9 @@ def compare_tokenizers(t: Any, s: Any) -> tuple[bool, list[str]]:
 
 def plan_vocabulary(teacher: Any, student: Any, allow_cross: bool) -> VocabPlan:
     """`teacher`/`student` are LoadedModel-like (hf_tokenizer, n_tokens, rows, path, tokenizer_identity)."""
+    notes: list[str] = []
     if teacher.tokenizer_identity == student.tokenizer_identity:  # same files: skip the 152k-entry comparison
-        same, notes = True, []
+        same = True
     else:
         same, notes = compare_tokenizers(teacher.hf_tokenizer, student.hf_tokenizer)
     sizes = dict(
@@ -65,7 +68,7 @@ def plan_vocabulary(teacher: Any, student: Any, allow_cross: bool) -> VocabPlan:
         student_rows=student.rows,
     )
     if same:
-        mode = "direct" if teacher.rows == student.rows else "sliced"  # both cut to n_tokens either way
+        mode: VocabMode = "direct" if teacher.rows == student.rows else "sliced"  # both cut to n_tokens either way
         return VocabPlan(mode, teacher.n_tokens, notes=tuple(notes), **sizes)
     if allow_cross:
         return VocabPlan("cross", teacher.n_tokens, notes=tuple(notes), **sizes)

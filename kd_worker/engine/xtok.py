@@ -43,7 +43,7 @@ import numpy as np
 import structlog
 
 from jobs.errors import DataError, VocabularyMismatch
-from kd_worker.engine.data import FIELDS, Sequence_, SoftTargets, render_prompt
+from kd_worker.engine.data import FIELDS, SoftTargets, StudentSequence, render_prompt
 from kd_worker.engine.tokmap import TokenPair, pair_for
 
 if TYPE_CHECKING:
@@ -145,8 +145,8 @@ def teacher_text(pieces: Sequence[bytes | None]) -> tuple[bytes, np.ndarray, np.
             valid[pos] = not stray
             pos += 1 if stray else len(ch.encode())
     raw = spans_of(pieces)
-    kept, stray = np.concatenate([[0], np.cumsum(valid)]), np.concatenate([[0], np.cumsum(~valid)])
-    bad = stray[raw[:, 1]] > stray[raw[:, 0]]
+    kept, dropped = np.concatenate([[0], np.cumsum(valid)]), np.concatenate([[0], np.cumsum(~valid)])
+    bad = dropped[raw[:, 1]] > dropped[raw[:, 0]]
     return np.frombuffer(data, np.uint8)[valid].tobytes(), kept[raw], bad
 
 
@@ -235,7 +235,7 @@ def span_logp(t: SoftTargets, t_ids: Sequence[int], j0: int, j1: int) -> float |
 
 
 @dataclass
-class AlignedSequence(Sequence_):
+class AlignedSequence(StudentSequence):
     """A student sequence built across tokenizers; `kinds`/`mapped` per response position feed the report."""
 
     kinds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # KIND_* per response token
@@ -311,13 +311,14 @@ def carry_targets(
         t_bad = np.append(t_bad, False)
     aligned, other = _plan_rows(groups, t, t_ids, t_spans, t_bad, s_spans)
     n, k = len(s_ids), t.ids.shape[1]
+    uld_mask = np.zeros(n, np.float32)
     out = SoftTargets(
         np.zeros((n, k), np.int32),
         np.full((n, k), -np.inf, np.float32),
         np.full(n, -np.inf, np.float32),
         np.zeros(n, np.float32),
         np.zeros(n, np.float32),
-        np.zeros(n, np.float32),
+        uld_mask,
     )
     out.logp[:, 0] = 0.0  # CE-only rows: a harmless one-slot distribution, masked out of the KD term
     kinds, mapped = np.full(n, KIND_CE, np.int8), np.zeros(n)
@@ -332,7 +333,7 @@ def carry_targets(
     if unaligned == "uld":
         for i, j in other:
             if j is not None:
-                out.logp[i], out.tail[i], out.lse_t[i], out.uld_mask[i] = t.logp[j], t.tail[j], t.lse_t[j], 1.0
+                out.logp[i], out.tail[i], out.lse_t[i], uld_mask[i] = t.logp[j], t.tail[j], t.lse_t[j], 1.0
                 kinds[i] = KIND_ULD
     return out, kinds, mapped
 
@@ -355,7 +356,7 @@ def student_sequence(pair: TokenPair, student: LoadedModel, s: Scored, cfg: KDCo
 
 def student_sequences(
     teacher: LoadedModel, student: LoadedModel, scored: Sequence[Scored], cfg: KDConfig, plan: VocabPlan
-) -> list[Sequence_]:
+) -> list[StudentSequence]:
     """Cross-tokenizer counterpart of distill.student_sequences; refuses (or warns) below xtok_min_coverage."""
     pair = pair_for(teacher, student)
     seqs = [student_sequence(pair, student, s, cfg) for s in scored]
@@ -368,7 +369,7 @@ def student_sequences(
     return list(seqs)
 
 
-def coverage_report(seqs: Sequence[Sequence_]) -> dict[str, Any]:
+def coverage_report(seqs: Sequence[StudentSequence]) -> dict[str, Any]:
     """Share of student response positions aligned and of teacher (support) mass mapped there."""
     kinds = np.concatenate([getattr(s, "kinds", np.zeros(0, np.int8)) for s in seqs] or [np.zeros(0, np.int8)])
     mapped = np.concatenate([getattr(s, "mapped", np.zeros(0)) for s in seqs] or [np.zeros(0)])

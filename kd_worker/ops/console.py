@@ -1,4 +1,4 @@
-"""Rendering trainer Progress events for a person at a terminal (rich bar) or a log (structlog)."""
+"""Rendering a job's Progress events for a person at a terminal (rich bar) or a log (structlog)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import time
 
 import structlog
 
-from kd_worker.engine.trainer import Progress
+from kd_worker.engine.hooks import Hooks, Progress
 
 log = structlog.get_logger(__name__)
 
 
-class ConsoleProgress:
-    """A callable Progress sink: a live bar on a TTY, a log line every few seconds otherwise."""
+class ConsoleProgress(Hooks):
+    """Progress hooks for a terminal: a live bar on a TTY, a log line every few seconds otherwise."""
 
     def __init__(self, enabled: bool = True, log_every_s: float = 5.0):
         self.enabled = enabled
@@ -43,7 +43,7 @@ class ConsoleProgress:
         if self._bar is not None:
             self._bar.stop()
 
-    def __call__(self, p: Progress) -> None:
+    def on_progress(self, p: Progress) -> None:
         if not self.enabled:
             return
         info = " ".join(f"{k}={v:.3f}" for k, v in p.metrics.items())

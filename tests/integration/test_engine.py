@@ -15,7 +15,7 @@ import pytest
 from helpers import FAST, SAMPLES, distill, engine_settings, kd_env, venv_bin
 
 from jobs.errors import JobInterrupted, TrainingDiverged, VocabularyMismatch
-from kd_worker.engine import teacher as T
+from kd_worker.engine import teacher as teacher_fns
 from kd_worker.engine.models import load_model_dir
 from kd_worker.engine.vocab import plan_vocabulary
 
@@ -192,7 +192,7 @@ def test_teacher_scores_match_a_full_vocabulary_reference(models_root):
         [{"role": "user", "content": "What matters?"}], add_generation_prompt=True
     )
     response = [5, 77, 301, 2]
-    (t,) = T.score(lm, [(prompt, response)], lm.n_tokens, 8, 2.0)
+    (t,) = teacher_fns.score(lm, [(prompt, response)], lm.n_tokens, 8, 2.0)
     logits = np.array(lm.model(mx.array([prompt + response[:-1]]))[0, len(prompt) - 1 :, : lm.n_tokens], np.float64)
     logp = (
         logits
@@ -213,7 +213,7 @@ def test_teacher_scores_match_a_full_vocabulary_reference(models_root):
 def test_generation_keeps_the_stop_token_and_never_samples_padding(models_root):
     lm = load_model_dir(models_root / "teacher")
     eos = lm.hf_tokenizer.eos_token_id
-    base = T.make_sampler(0.8, 10, 0.9, lm.n_tokens)
+    base = teacher_fns.make_sampler(0.8, 10, 0.9, lm.n_tokens)
     calls = {"n": 0}
 
     def sampler(logprobs):
@@ -223,7 +223,7 @@ def test_generation_keeps_the_stop_token_and_never_samples_padding(models_root):
         return mx.full(tok.shape, eos, mx.uint32) if calls["n"] >= 3 else tok
 
     prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
-    (out,) = T.generate(lm, [prompt], [16], sampler, 1)
+    (out,) = teacher_fns.generate(lm, [prompt], [16], sampler, 1)
     assert out[-1] == eos and len(out) < 16  # the student sees the EOS and learns to stop
 
 

@@ -9,7 +9,7 @@ import pytest
 from test_losses import np_log_softmax
 
 from kd_worker.engine import losses as L
-from kd_worker.engine.data import Sequence_, SoftTargets, collate
+from kd_worker.engine.data import SoftTargets, StudentSequence, collate
 
 
 def teacher_rows(t_logits: np.ndarray, k: int, temperature: float) -> tuple[mx.array, mx.array]:
@@ -83,7 +83,7 @@ def test_collate_concatenates_uld_masks_and_fills_missing_ones():
             np.ones(n, np.float32),
             uld,
         )
-        return Sequence_(np.arange(n + 2, dtype=np.int32), 2, t)
+        return StudentSequence(np.arange(n + 2, dtype=np.int32), 2, t)
 
     b = collate([seq(3, np.array([0, 1, 1], np.float32)), seq(2, None)])
     assert b.targets.uld_mask.tolist() == [0, 1, 1, 0, 0]
