@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 
 from jobs.errors import ConfigError, KDError
+from jobs.records import DataKind
 from kd_worker.ops.blas import ensure_fast_blas
 from kd_worker.ops.logs import configure_logging
 from kd_worker.settings import WorkerSettings, load_settings, require_model_dir
@@ -77,7 +78,7 @@ def cmd_distill(args: argparse.Namespace, settings: WorkerSettings, blas) -> int
         settings = settings.model_copy(update={"adapters_dir": Path(args.out)})
     overrides = parse_overrides(args.set or [])
     resolve_config(settings.kd_defaults, overrides)  # fail fast on a bad --set, before any model loads
-    data = [("prompts", Path(p)) for p in args.prompts or []] + [
+    data: list[tuple[DataKind, Path]] = [("prompts", Path(p)) for p in args.prompts or []] + [
         ("corrections", Path(p)) for p in args.corrections or []
     ]
     if not data:
