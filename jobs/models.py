@@ -13,17 +13,19 @@ import hashlib
 import json
 import re
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from jobs.errors import ConfigError
+from jobs.records import DataKind
 
 SCHEMA_VERSION = 1
 TASK_FUNC = "kd_worker.daemon.task.run_kd_job"
 ALLOWED_TASKS = frozenset({TASK_FUNC})
 DOMAINS = ("thinking", "task", "action", "reflection", "debug", "memory")
-PRIORITIES = ("high", "normal", "low")
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[Priority, ...] = get_args(Priority)
 
 _DOMAIN_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -53,7 +55,7 @@ class DataRef(BaseModel):
     """One JSONL file of records, stored as a blob in Redis under its sha256."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    kind: Literal["prompts", "corrections"]
+    kind: DataKind
     sha256: Sha256
     records: Annotated[int, Field(ge=1)]
     size: Annotated[int, Field(ge=1)]
@@ -68,7 +70,7 @@ class KDJob(BaseModel):
     overrides: dict[str, Any] = Field(default_factory=dict)
     teacher: Annotated[str | None, AfterValidator(check_model_name)] = None
     student: Annotated[str | None, AfterValidator(check_model_name)] = None
-    priority: Literal[PRIORITIES] = "normal"
+    priority: Priority = "normal"
     submitter: Annotated[str, Field(max_length=100)] = "kd-client"
     force_publish: bool = False
     submitted_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))

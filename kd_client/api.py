@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import redis
 import structlog
@@ -31,7 +31,7 @@ import structlog
 from jobs.errors import ConfigError, DataError, KDError
 from jobs.models import check_domain
 from jobs.publisher import locked, write_json_atomic
-from jobs.records import Record, dump_records, parse_record
+from jobs.records import DataKind, Record, data_kind, dump_records, parse_record
 from jobs.settings import load_settings
 from kd_client import queue as Q
 from kd_client.settings import ClientSettings
@@ -78,7 +78,8 @@ class KDClient:
     ) -> Receipt:
         """One job now (or spooled): records are validated before anything is accepted."""
         _domain(domain)
-        parts = [(k, _validated(recs, k)) for k, recs in (("prompts", prompts), ("corrections", corrections)) if recs]
+        given: tuple[tuple[DataKind, Iterable[dict] | None], ...] = (("prompts", prompts), ("corrections", corrections))
+        parts = [(k, _validated(recs, k)) for k, recs in given if recs]
         if not parts:
             raise DataError("give prompts and/or corrections")
         entry = {
@@ -210,7 +211,7 @@ class KDClient:
         return job, datasets
 
     def _dataset(self, d: dict[str, str]) -> Q.Dataset:
-        return Q.prepare_dataset(d["kind"], d["data"].encode(), d["name"], self.settings.max_data_bytes)
+        return Q.prepare_dataset(data_kind(d["kind"]), d["data"].encode(), d["name"], self.settings.max_data_bytes)
 
     def _connection(self) -> redis.Redis:
         if self._conn is None:
@@ -225,7 +226,7 @@ def _domain(domain: str) -> None:
         raise ConfigError(str(e)) from e
 
 
-def _validated(records: Iterable[dict], kind: Literal["prompts", "corrections"]) -> list[Record]:
+def _validated(records: Iterable[dict], kind: DataKind) -> list[Record]:
     out = [parse_record(r, kind, f"{kind} record {i}") for i, r in enumerate(records, start=1)]
     if not out:
         raise DataError(f"no {kind} records given")

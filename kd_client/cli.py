@@ -14,7 +14,7 @@ from typing import Any
 from jobs.config import parse_overrides
 from jobs.errors import KDError
 from jobs.models import DOMAINS, PRIORITIES
-from jobs.records import read_records
+from jobs.records import DataKind, read_records
 
 EXIT_OK, EXIT_FAILED, EXIT_NOT_PUBLISHED, EXIT_STOPPED, EXIT_SPOOLED, EXIT_CONFIG = 0, 1, 3, 4, 75, 78
 FINAL = {"finished", "failed", "stopped", "canceled"}
@@ -31,12 +31,12 @@ def exit_code(row: dict[str, Any]) -> int:
     return EXIT_OK
 
 
-def _records(path: str, kind: str) -> list[dict]:
+def _records(path: str, kind: DataKind) -> list[dict]:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise KDError(f"cannot read {path}: {e.strerror}") from e
-    return [r.model_dump(exclude_none=True) for r in read_records(data, kind, Path(path).name)]  # type: ignore[arg-type]
+    return [r.model_dump(exclude_none=True) for r in read_records(data, kind, Path(path).name)]
 
 
 def _sample(domain: str) -> str:

@@ -102,7 +102,7 @@ def read_adapter(path: Path | str) -> Adapter:
     return Adapter(path, config, weights)
 
 
-def _wrapper_types() -> tuple[type, ...]:
+def _wrapper_types() -> tuple[type[nn.Module], ...]:
     from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
     from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 

@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import redis
 from rq import Queue, Retry
@@ -41,7 +41,7 @@ from jobs.models import (
     queue_names,
     seq_key,
 )
-from jobs.records import read_records
+from jobs.records import DataKind, read_records
 from kd_client.settings import ClientSettings
 
 RESTARTABLE = {JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
@@ -49,7 +49,7 @@ RESTARTABLE = {JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
 
 @dataclass(frozen=True)
 class Dataset:
-    kind: Literal["prompts", "corrections"]
+    kind: DataKind
     data: bytes
     name: str
     records: int
@@ -66,7 +66,7 @@ class Submitted:
     ticket: int | None = None
 
 
-def prepare_dataset(kind: Literal["prompts", "corrections"], data: bytes, name: str, max_bytes: int) -> Dataset:
+def prepare_dataset(kind: DataKind, data: bytes, name: str, max_bytes: int) -> Dataset:
     """Validate every record now, so a bad file fails at the producer, not hours later."""
     if len(data) > max_bytes:
         raise DataError(f"{name}: {len(data):,} bytes exceeds KD_MAX_DATA_BYTES={max_bytes:,}; split the data")

@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 
 from jobs.errors import ConfigError, KDError
+from jobs.records import DataKind
 from kd_worker.ops.blas import ensure_fast_blas
 from kd_worker.ops.logs import configure_logging
 from kd_worker.settings import WorkerSettings, load_settings, require_model_dir
@@ -71,7 +72,7 @@ def cmd_distill(args: argparse.Namespace, settings: WorkerSettings, blas) -> int
     from jobs.config import parse_overrides, resolve_config
     from kd_worker.daemon.lifecycle import run_job
     from kd_worker.daemon.runtime import Runtime
-    from kd_worker.engine.types import DataKind, DistillRequest
+    from kd_worker.engine.types import DistillRequest
     from kd_worker.ops.console import ConsoleProgress
 
     if args.out:

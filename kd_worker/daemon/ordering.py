@@ -19,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from typing import cast
 
 import structlog
 from redis import Redis, RedisError
 from redis.exceptions import LockError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.utils import as_text
 
 from jobs.models import active_key, health_key, published_key
 from kd_worker.engine.hooks import Hooks, check_stop
@@ -52,7 +54,8 @@ def is_running(conn: Redis, job: Job) -> bool:
 def running_earlier(conn: Redis, domain: str, ticket: int) -> list[str]:
     """Earlier tickets still running; settled or vanished entries are dropped on the way."""
     running = []
-    for raw, _ in conn.zrangebyscore(active_key(domain), "-inf", ticket - 1, withscores=True):
+    # members only (no scores) of a bytes connection; redis-py types a range for every option at once
+    for raw in cast("list[bytes]", conn.zrangebyscore(active_key(domain), "-inf", ticket - 1)):
         jid = raw.decode()
         job = _fetch(conn, jid)
         if job is None or job.get_status(refresh=False) in SETTLED:
@@ -87,9 +90,9 @@ def acquire_publish_lock(conn: Redis, domain: str, job_id: str, hooks: Hooks, po
     lock = conn.lock(publish_lock_key(domain), timeout=lock_timeout_s)
     while not lock.acquire(blocking=False, token=job_id):
         raw = conn.get(lock.name)
-        if raw is not None and holder_is_dead(conn, raw.decode(), job_id):
+        if raw is not None and holder_is_dead(conn, as_text(raw), job_id):
             if conn.eval(_DELETE_IF, 1, lock.name, raw):
-                log.warning("stale_publish_lock_broken", domain=domain, holder=raw.decode())
+                log.warning("stale_publish_lock_broken", domain=domain, holder=as_text(raw))
             continue
         _stop_waiting(hooks, f"the publish lock of {domain}")
         time.sleep(poll_s)  # another worker is publishing this domain: a poll interval, not a guess

@@ -76,7 +76,8 @@ def serve(settings: WorkerSettings, blas_library: str | None, burst: bool = Fals
     # TCP keepalive detects a dead peer; a unix socket connection refuses the option (TypeError)
     keepalive = {} if settings.redis_url.startswith("unix:") else {"socket_keepalive": True}
     conn = Redis.from_url(settings.redis_url, health_check_interval=30, **keepalive)
-    runtime, control, started = Runtime(settings), JobControl(), []
+    runtime, control = Runtime(settings), JobControl()
+    started: list[KDWorker] = []
     install_stop_handlers(control, started)  # a stop during start-up is a clean, requested stop
     runtime.teacher(teacher)  # resident for the life of the process
     if settings.cache_student:

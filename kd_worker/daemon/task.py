@@ -9,7 +9,7 @@ import hashlib
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from redis import Redis
@@ -20,6 +20,7 @@ from jobs.config import resolve_config
 from jobs.errors import ConfigError, DataError, JobInterrupted, SecurityError
 from jobs.models import KDJob, blob_key, parse_job
 from jobs.publisher import write_bytes_atomic
+from jobs.records import DataKind
 from kd_worker.daemon import ordering
 from kd_worker.daemon.lifecycle import run_job
 from kd_worker.daemon.progress import JobStop, MetaProgress
@@ -33,16 +34,16 @@ log = structlog.get_logger(__name__)
 RESUME_RETRIES = 1000  # warm-shutdown requeues are not failures; this only bounds a restart loop
 
 
-def materialize_data(conn: Redis, job: KDJob, settings: WorkerSettings) -> tuple[tuple[str, Path], ...]:
+def materialize_data(conn: Redis, job: KDJob, settings: WorkerSettings) -> tuple[tuple[DataKind, Path], ...]:
     """Each DataRef's blob, checked against its size and sha256, as a file in the work dir."""
-    out = []
+    out: list[tuple[DataKind, Path]] = []
     for ref in job.data:
         if ref.size > settings.max_data_bytes:
             raise DataError(f"{ref.name}: {ref.size} bytes exceeds KD_MAX_DATA_BYTES={settings.max_data_bytes}")
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(ref.name).name).lstrip(".") or "data.jsonl"
         path = settings.work_dir / "data" / ref.sha256 / safe  # errors then name the user's file
         if not path.is_file():
-            blob = conn.get(blob_key(ref.sha256))
+            blob = cast("bytes | None", conn.get(blob_key(ref.sha256)))  # a bytes connection: str never comes
             if blob is None:
                 raise DataError(
                     f"{ref.name}: data blob {ref.sha256[:12]} is missing or expired in Redis; resubmit the job"
@@ -84,6 +85,8 @@ def job_ticket(rq_job: Job) -> int | None:
 def run_kd_job(payload: dict[str, Any]) -> Any:
     ctx = current_context()
     rq_job = get_current_job()
+    if rq_job is None:
+        raise ConfigError("run_kd_job runs only inside an rq worker (no current job); start `kd-worker run`")
     # everything a payload controls is validated before any file is touched
     spec = parse_job(payload)
     cfg = resolve_config(ctx.settings.kd_defaults, spec.overrides)  # the one place a queued job's config is resolved

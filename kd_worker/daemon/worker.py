@@ -21,7 +21,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from redis import Redis, RedisError
@@ -193,9 +193,12 @@ class KDWorker(SimpleWorker):
         their queue (a live worker marks a popped job started within milliseconds)."""
         queues, requeued = {q.name: q for q in self.queues}, []
         for key in self.connection.scan_iter(match=active_key("*")):
-            ids = [raw.decode() for raw in self.connection.zrange(key, 0, -1)]
+            # members only (no scores) of a bytes connection; redis-py types a range for every option at once
+            ids = [raw.decode() for raw in cast("list[bytes]", self.connection.zrange(key, 0, -1))]
             for job in Job.fetch_many(ids, connection=self.connection, serializer=self.serializer):
-                queue = queues.get(job.origin) if job is not None else None
+                if job is None:
+                    continue
+                queue = queues.get(job.origin)
                 if queue is None or job.get_status(refresh=False) != JobStatus.QUEUED:
                     continue
                 if self.connection.lpos(queue.key, job.id) is not None:
