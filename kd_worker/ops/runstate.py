@@ -55,9 +55,9 @@ def read(work_dir: Path) -> dict[str, Any] | None:
 
 
 def describe(entry: dict[str, Any]) -> str:
-    state, at, pid = entry.get("state"), entry.get("at"), entry.get("pid")
+    state, at, pid = str(entry.get("state")), entry.get("at"), entry.get("pid")
     if state == RUNNING:
         return f"started at {at} (pid {pid}); no exit recorded since (running, or killed without a chance to say)"
     code = entry.get("exit_code")
-    what = {STOPPED: "stopped", FAILED: "failed", CONFIG_ERROR: "stopped on a configuration error"}[state]
+    what = {STOPPED: "stopped", FAILED: "failed", CONFIG_ERROR: "stopped on a configuration error"}.get(state, state)
     return f"{what} at {at} (pid {pid}, exit code {code}): {entry.get('reason')}"

@@ -267,7 +267,12 @@ def add_service_parser(subparsers: argparse._SubParsersAction) -> None:
     s = subparsers.add_parser(
         "service", help="install/uninstall/show the worker as a launchd agent (macOS) or systemd unit (Linux)"
     )
-    s.add_argument("action", choices=ACTIONS)
+    s.add_argument(
+        "action",
+        choices=ACTIONS,
+        help="install (pins KD_WORKER_NAME to this machine unless set; replaces a running copy), uninstall "
+        "(the worker exits before its Redis stops), status (the manager's view and why the worker last stopped)",
+    )
     s.add_argument(
         "--dry-run", metavar="DIR", type=Path, help="render the files into DIR and print the commands; change nothing"
     )
