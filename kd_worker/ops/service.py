@@ -3,8 +3,8 @@ systemd (Linux). The plan comes from `kd_worker.ops.units` (pure); this module c
 place `launchctl`/`systemctl`/`scutil` run. `--dry-run DIR` renders the files into DIR and prints the
 commands instead of running them, so both managers can be checked on any machine.
 
-Every command goes through `_execute`, and every wait through the `clock`/`sleep` given to `apply`:
-tests run the real plans against recorded fakes of the tools (tests/fakes/) on any machine.
+Commands run by name from PATH (`_execute`, `machine_name`) and every wait uses the `Timer` given to
+`apply`: tests run the real plans against recorded fakes of the tools (tests/fakes/) on a fake clock.
 """
 
 from __future__ import annotations

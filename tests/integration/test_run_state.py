@@ -87,4 +87,4 @@ def test_service_status_says_why_the_agent_stopped(env, tmp_path):
     assert out.returncode == 113, out.stderr  # the fake has no agent loaded: launchctl print says so
     assert "stopped on a configuration error" in out.stdout and "KD_STUDENT is not set" in out.stdout
     assert "fix it, then start it: launchctl kickstart gui/" in out.stdout
-    assert (tmp_path / "launchctl.log").read_text().split("\t")[1:3] == ["print", f"gui/{os.getuid()}/{LABEL}"]
+    assert (tmp_path / "launchctl.log").read_text().strip().split("\t")[1:3] == ["print", f"gui/{os.getuid()}/{LABEL}"]
