@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from jobs import durable
 from jobs.errors import PublishError, SecurityError
 from jobs.models import check_domain
 
@@ -90,7 +91,7 @@ def locked(path: Path) -> Iterator[None]:
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        durable.fsync(fd)
     finally:
         os.close(fd)
 
@@ -115,7 +116,7 @@ def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            durable.fsync(f.fileno())
         os.chmod(tmp, mode)  # the umask may have narrowed it
         os.replace(tmp, path)
     except BaseException:
@@ -261,7 +262,7 @@ def publish(root: Path, domain: str, write: Callable[[Path], None], summary: dic
             write_json_atomic(stage / MANIFEST, {"domain": domain, "version": number, "files": files, "summary": entry})
             for p in _files(stage):
                 with open(p, "rb") as f:
-                    os.fsync(f.fileno())
+                    durable.fsync(f.fileno())
             _fsync_dir(stage)
             os.rename(stage, version.path)
             _fsync_dir(version.path.parent)

@@ -28,6 +28,7 @@ from typing import Any
 import redis
 import structlog
 
+from jobs import durable
 from jobs.errors import ConfigError, DataError, KDError
 from jobs.models import check_domain
 from jobs.publisher import locked, write_json_atomic
@@ -107,7 +108,7 @@ class KDClient:
             with open(acc, "ab") as f:
                 f.write(dump_records(valid))
                 f.flush()
-                os.fsync(f.fileno())
+                durable.fsync(f.fileno())
             since = self.spool / "accum" / f"{domain}.since"
             if not since.exists():
                 since.write_text(str(time.time()))

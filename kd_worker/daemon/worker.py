@@ -11,7 +11,8 @@ and forking after Metal starts crashes on macOS) with what a weeks-long training
 - at start-up, jobs this worker left "started" when it died are requeued (rq's own abandoned-
   job path: retries_left), and a worker name still alive elsewhere is refused;
 - after Redis was away (`lost_redis`), `rejoin` clears the registration rq could not close and
-  requeues this worker's jobs, so `kd-worker run` resumes in-process.
+  requeues this worker's jobs, so `kd-worker run` resumes in-process;
+- while a job runs (and only then) a Mac is kept awake (`kd_worker.daemon.power`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, cast
 
 import structlog
@@ -38,6 +41,7 @@ from rq.worker import WorkerStatus
 
 from jobs.errors import ConfigError, JobCanceled, KDError, SecurityError
 from jobs.models import ALLOWED_TASKS, active_key, health_key
+from kd_worker.daemon.power import KeepAwake
 from kd_worker.daemon.runtime import JobControl
 
 log = structlog.get_logger(__name__)
@@ -51,12 +55,14 @@ class KDWorker(SimpleWorker):
         control: JobControl,
         heartbeat_interval: float = 5.0,
         lost_job_grace: float = 60.0,
+        keep_awake: Callable[[], AbstractContextManager[Any]] = KeepAwake,
         **kwargs,
     ):
         super().__init__(queues, connection=connection, serializer=JSONSerializer, **kwargs)
         self.control = control
         self.heartbeat_interval = heartbeat_interval
         self.lost_job_grace = lost_job_grace
+        self.keep_awake = keep_awake  # a power assertion held for the duration of each job
         self._current: tuple[Job, Execution] | None = None
         self._beat_stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
@@ -106,7 +112,8 @@ class KDWorker(SimpleWorker):
         execution = self.prepare_execution(job)
         self._current = (job, execution)
         try:
-            self.perform_job(job, queue, execution)
+            with self.keep_awake():
+                self.perform_job(job, queue, execution)
         except (RedisConnectionError, RedisTimeoutError):
             self.lost_redis = True  # rq's loop swallows this and returns; the job is recovered on rejoin
             raise
