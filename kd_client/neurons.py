@@ -1,0 +1,449 @@
+"""The model side of `kd-client serve`: one resident student base, every domain's adapter.
+
+    HTTP handlers --submit(job)--> JobQueue --pop--> MLX thread: switch adapter, generate --emit--> handler
+    AdapterWatcher thread --on_change--> wake the MLX thread, which installs between generations
+
+All MLX work runs on one thread (MLX is not thread-safe): it loads the base, reads and installs
+adapters (kd_client/hotswap.py, in place), and runs mlx-lm's own `stream_generate`. A generation
+runs to its end on the adapter it started with: a newly published version is read, checked and
+installed only between generations, so a stream never changes version midway. Each domain's
+adapter stays in memory once read, so switching domains is an in-place array swap (no disk).
+
+Scheduling: the oldest waiting request goes first, except that requests for the domain already
+installed may pass it, at most `max_skips` times (a switch is cheap but not free; see
+bench/serve.py). mlx is imported lazily, on the MLX thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from jobs.errors import KDError, ModelError
+from kd_client.hotswap import Adapter, AdapterSlot, AdapterSwapError, read_adapter
+from kd_client.promptcache import PromptCache
+from kd_client.watcher import AdapterUpdate, AdapterWatcher, WatcherFailed
+
+log = structlog.get_logger(__name__)
+
+BASE = "base"  # the neuron without an adapter
+
+
+class ServeError(KDError):
+    """A request the server cannot take; `status` is its HTTP status."""
+
+    status = 400
+
+
+class UnknownNeuron(ServeError):
+    status = 404
+
+
+class Busy(ServeError):
+    status = 503
+
+
+# --- what a request asks for, and what it gets back ---------------------------------------------
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    repetition_context_size: int = 20
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Started:
+    neuron: str
+    version: int
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    status: int
+    message: str
+
+
+Event = Started | Chunk | Finished | Failed
+
+
+@dataclass
+class Job:
+    neuron: str
+    max_tokens: int
+    emit: Callable[[Event], None]  # thread-safe; called from the MLX thread
+    messages: list[dict[str, Any]] | None = None  # chat: through the tokenizer's chat template
+    prompt: str | None = None  # plain completion
+    stop: tuple[str, ...] = ()
+    sampling: Sampling = Sampling()
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    skips: int = 0  # times a younger request of the installed domain went first
+
+
+@dataclass(frozen=True)
+class Served:
+    """A domain's installed version (adapter arrays in memory)."""
+
+    version: int
+    path: Path
+    adapter: Adapter = field(repr=False)
+    installed_at: float
+
+
+@dataclass(frozen=True)
+class Active:
+    job_id: str
+    neuron: str
+    version: int
+    tokens: int
+
+
+# --- pure pieces -----------------------------------------------------------------------------------
+class JobQueue:
+    """Waiting requests; `pop` prefers the installed neuron with bounded unfairness."""
+
+    def __init__(self, max_jobs: int, max_skips: int):
+        self.max_jobs, self.max_skips = max_jobs, max_skips
+        self._jobs: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._woken = False
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def put(self, job: Job) -> None:
+        with self._cond:
+            if len(self._jobs) >= self.max_jobs:
+                raise Busy(f"{len(self._jobs)} requests are already waiting (KD_SERVE_MAX_QUEUED); retry later")
+            self._jobs.append(job)
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._woken = True
+            self._cond.notify_all()
+
+    def pop(self, installed: str | None, timeout: float) -> Job | None:
+        """The next job, or None after `timeout` or a `wake()`."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._jobs or self._woken, timeout)
+            self._woken = False
+            return choose(self._jobs, installed, self.max_skips)
+
+
+def choose(jobs: deque[Job], installed: str | None, max_skips: int) -> Job | None:
+    """Remove and return the next job: the oldest, unless a job of the installed neuron may go first."""
+    while jobs and jobs[0].cancelled.is_set():
+        jobs.popleft()
+    if not jobs:
+        return None
+    if jobs[0].neuron != installed and jobs[0].skips < max_skips:
+        for i, job in enumerate(jobs):
+            if job.neuron == installed and not job.cancelled.is_set():
+                for passed in list(jobs)[:i]:
+                    passed.skips += 1
+                del jobs[i]
+                return job
+    return jobs.popleft()
+
+
+class StopText:
+    """OpenAI `stop` strings over streamed text: holds back what may be the start of a stop."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.buffer, self.hit = "", False
+
+    def feed(self, text: str) -> str:
+        self.buffer += text
+        found = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out, self.buffer, self.hit = self.buffer[: min(found)], "", True
+            return out
+        keep = max((n for s in self.stops for n in range(len(s) - 1, 0, -1) if self.buffer.endswith(s[:n])), default=0)
+        out, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep :]
+        return out
+
+    def flush(self) -> str:
+        out, self.buffer = self.buffer, ""
+        return out
+
+
+# --- the resident model ----------------------------------------------------------------------------
+class Neurons:
+    """One base model on one MLX thread, the published adapters of `adapters_dir`, a job queue."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        adapters_dir: Path,
+        *,
+        max_queued: int = 64,
+        max_skips: int = 4,
+        max_prompt_tokens: int = 8192,
+        cache_entries: int = 8,
+        debounce_ms: int = 200,
+        force_polling: bool | None = None,
+    ):
+        self.model_dir, self.adapters_dir = Path(model_dir), Path(adapters_dir)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.queue = JobQueue(max_queued, max_skips)
+        self.cache = PromptCache(cache_entries)
+        self.watcher = AdapterWatcher(
+            self.adapters_dir, on_change=self._observed, debounce_ms=debounce_ms, force_polling=force_polling
+        )
+        self.served: dict[str, Served] = {}  # replaced whole by the MLX thread, read by the handlers
+        self.refused: dict[str, dict[str, Any]] = {}  # domain -> {version, error} of the last refused version
+        self.observed: dict[str, int] = {}  # domain -> newest version the watcher reported
+        self.active: Active | None = None
+        self.cache_view: tuple[dict[str, Any], ...] = ()
+        self.switches, self.switch_s = 0, 0.0
+        self.error: str | None = None
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._slot: AdapterSlot | None = None
+        self._stop, self._ready = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kd-serve-mlx", daemon=True)
+
+    # -- lifecycle (any thread) ---------------------------------------------------------------------
+    def start(self, timeout: float = 600.0) -> Neurons:
+        """Load the base and the published adapters; returns once requests can be served."""
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise ModelError(f"loading {self.model_dir} took over {timeout:.0f}s")
+        if self.error is not None:
+            self.stop()
+            raise ModelError(self.error)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self.queue.wake()
+        self.watcher.stop()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def submit(self, job: Job) -> None:
+        """Queue a job (UnknownNeuron, Busy); its events arrive through `job.emit`."""
+        if job.neuron != BASE and job.neuron not in self.served:
+            known = ", ".join([BASE, *sorted(self.served)])
+            refused = self.refused.get(job.neuron)
+            why = f" (its version {refused['version']} was refused: {refused['error']})" if refused else ""
+            raise UnknownNeuron(f"model {job.neuron!r} is not a served neuron{why}; available: {known}")
+        self.queue.put(job)
+
+    def _observed(self, update: AdapterUpdate) -> None:  # watcher thread: signal only
+        self.observed = {**self.observed, update.domain: update.version}
+        self.queue.wake()
+
+    # -- the MLX thread -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._load()
+        except Exception as e:  # noqa: BLE001 - reported to start(), which raises it
+            self.error = f"cannot load {self.model_dir}: {type(e).__name__}: {e}"
+            self._ready.set()
+            return
+        self.watcher.start()
+        self.watcher.wait_ready(timeout=30)
+        self._install_updates()
+        log.info("serve_ready", model=str(self.model_dir), domains={d: s.version for d, s in self.served.items()})
+        self._ready.set()
+        while not self._stop.is_set():
+            self._install_updates()  # between generations, never inside one
+            job = self.queue.pop(self._installed(), timeout=1.0)
+            if job is not None:
+                self._serve(job)
+
+    def _load(self) -> None:
+        import mlx_lm
+
+        t0 = time.perf_counter()
+        loaded = mlx_lm.load(str(self.model_dir))  # (model, tokenizer)
+        self._model, self._tokenizer = loaded[0], loaded[1]
+        self._slot = AdapterSlot(self._model)
+        log.info("base_loaded", model=str(self.model_dir), seconds=round(time.perf_counter() - t0, 3))
+
+    @property
+    def slot(self) -> AdapterSlot:
+        if self._slot is None:
+            raise ModelError("the base model is not loaded yet")
+        return self._slot
+
+    def _installed(self) -> str | None:
+        current = self.slot.current
+        if current is None:
+            return BASE
+        return next((d for d, s in self.served.items() if s.adapter is current), None)
+
+    def _install_updates(self) -> None:
+        try:
+            updates = self.watcher.take(0)
+        except WatcherFailed as e:
+            if self.error is None:
+                log.error("serve_watcher_failed", error=str(e))
+            self.error = str(e)
+            return
+        for update in updates:
+            self._install(update)
+
+    def _install(self, update: AdapterUpdate) -> None:
+        t0 = time.perf_counter()
+        try:
+            adapter = read_adapter(update.path)  # checksums, config, arrays: before the model is touched
+            self.slot.install(adapter)  # checks every name and shape; the old adapter stays on failure
+        except AdapterSwapError as e:
+            self.refused = {**self.refused, update.domain: {"version": update.version, "error": str(e)}}
+            log.warning("adapter_refused", domain=update.domain, version=update.version, error=str(e))
+            return
+        self.served = {**self.served, update.domain: Served(update.version, update.path, adapter, time.time())}
+        self.refused = {d: r for d, r in self.refused.items() if d != update.domain}
+        dropped = self.cache.retain(update.domain, update.version)
+        self.cache_view = tuple(self.cache.describe())
+        log.info(
+            "adapter_installed",
+            domain=update.domain,
+            version=update.version,
+            seconds=round(time.perf_counter() - t0, 4),
+            cache_dropped=dropped,
+        )
+
+    def _switch(self, neuron: str) -> int:
+        """Install `neuron`'s adapter if another one is in the model; returns its version."""
+        served = None if neuron == BASE else self.served[neuron]
+        target = None if served is None else served.adapter
+        if self.slot.current is not target:
+            result = self.slot.install(target)
+            self.switches, self.switch_s = self.switches + 1, self.switch_s + result.seconds
+            log.debug("neuron_switched", neuron=neuron, seconds=result.seconds)
+        return 0 if served is None else served.version
+
+    def _serve(self, job: Job) -> None:
+        try:
+            self._generate(job)
+        except ServeError as e:
+            job.emit(Failed(e.status, str(e)))
+        except Exception as e:  # noqa: BLE001 - one request's failure must not end the MLX thread
+            log.error("generation_failed", job=job.id, neuron=job.neuron, error=f"{type(e).__name__}: {e}")
+            job.emit(Failed(500, f"generation failed: {type(e).__name__}: {e}"))
+        finally:
+            self.active = None
+
+    def _encode(self, job: Job) -> list[int]:
+        tok = self._tokenizer
+        try:
+            if job.messages is not None:
+                if not getattr(tok, "chat_template", None):
+                    raise ServeError(f"{self.model_dir} has no chat template; use /v1/completions")
+                ids = list(tok.apply_chat_template(job.messages, add_generation_prompt=True))
+            else:
+                ids = list(tok.encode(job.prompt or ""))
+        except ServeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a template or tokenizer rejecting this input is the client's
+            raise ServeError(f"cannot tokenize the request: {type(e).__name__}: {e}") from e
+        if not ids:
+            raise ServeError("the prompt is empty")
+        if len(ids) > self.max_prompt_tokens:
+            raise ServeError(f"the prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}")
+        return ids
+
+    def _check_bias(self, bias: dict[int, float] | None) -> None:
+        # MLX does not bounds-check indices: an id past the vocabulary reads garbage
+        rows = getattr(getattr(self._model, "args", None), "vocab_size", None) or len(self._tokenizer.vocab)
+        bad = sorted(k for k in bias or {} if not 0 <= k < rows)
+        if bad:
+            raise ServeError(f"logit_bias token ids {bad[:5]} are outside the vocabulary (0..{rows - 1})")
+
+    def _generate(self, job: Job) -> None:
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+        from mlx_lm.models.cache import make_prompt_cache
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+        if job.cancelled.is_set():
+            return
+        if job.neuron != BASE and job.neuron not in self.served:
+            raise UnknownNeuron(f"model {job.neuron!r} is no longer served")
+        version = self._switch(job.neuron)
+        ids = self._encode(job)
+        key = (job.neuron, version)
+        cache, rest = self.cache.fetch(key, ids)
+        cache = cache if cache is not None else make_prompt_cache(self._model)
+        s = job.sampling
+        sampler = make_sampler(s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k)
+        self._check_bias(s.logit_bias)
+        processors = make_logits_processors(
+            s.logit_bias,
+            s.repetition_penalty,
+            s.repetition_context_size,
+            s.presence_penalty,
+            s.repetition_context_size,
+            s.frequency_penalty,
+            s.repetition_context_size,
+        )
+        if s.seed is not None:
+            mx.random.seed(s.seed)
+        active = self.active = Active(job.id, job.neuron, version, 0)
+        job.emit(Started(job.neuron, version, len(ids), len(ids) - len(rest)))
+        stop, generated, finish = StopText(job.stop), [], "length"
+        stream = stream_generate(
+            self._model,
+            self._tokenizer,
+            rest,
+            max_tokens=job.max_tokens,
+            sampler=sampler,
+            logits_processors=processors,
+            prompt_cache=cache,
+        )
+        try:
+            for r in stream:
+                generated.append(r.token)
+                self.active = replace(active, tokens=len(generated))
+                if text := stop.feed(r.text):
+                    job.emit(Chunk(text))
+                finish = "stop" if stop.hit else (r.finish_reason or finish)
+                if stop.hit or job.cancelled.is_set():
+                    break
+        finally:
+            stream.close()
+        if (tail := stop.flush()) and not stop.hit:
+            job.emit(Chunk(tail))
+        self.cache.insert(key, (ids + generated)[: cache[0].offset], cache)
+        self.cache_view = tuple(self.cache.describe())
+        job.emit(Finished(finish, len(ids), len(generated), len(ids) - len(rest)))
+        log.info("generated", job=job.id, neuron=job.neuron, version=version, tokens=len(generated), finish=finish)
