@@ -261,7 +261,7 @@ class Neurons:
         """Queue a job (UnknownNeuron, Busy); its events arrive through `job.emit`."""
         if job.neuron != BASE and job.neuron not in self.served:
             known = ", ".join([BASE, *sorted(self.served)])
-            refused = self.refused.get(job.neuron)
+            refused = self.refusals().get(job.neuron)
             why = f" (its version {refused['version']} was refused: {refused['error']})" if refused else ""
             raise UnknownNeuron(f"model {job.neuron!r} is not a served neuron{why}; available: {known}")
         self.queue.put(job)
@@ -321,9 +321,17 @@ class Neurons:
         for update in updates:
             self._install(update)
 
+    def refusals(self) -> dict[str, dict[str, Any]]:
+        """domain -> the newest version not installed and why (checksums: the watcher; fit: the slot)."""
+        invalid = dict(self.watcher.invalid)
+        bad = {d: {"version": v, "error": "its files do not match their manifest"} for d, v in invalid.items()}
+        return {**bad, **self.refused}
+
     def _install(self, update: AdapterUpdate) -> None:
         t0 = time.perf_counter()
         try:
+            if update.domain == BASE:
+                raise AdapterSwapError(f"the domain name {BASE!r} is reserved for the bare base model")
             adapter = read_adapter(update.path)  # checksums, config, arrays: before the model is touched
             self.slot.install(adapter)  # checks every name and shape; the old adapter stays on failure
         except AdapterSwapError as e:

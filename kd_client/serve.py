@@ -27,6 +27,7 @@ from typing import Any, Literal
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -216,7 +217,7 @@ class Endpoint:
             "model": str(n.model_dir),
             "served": {d: s.version for d, s in sorted(n.served.items())},
             "observed": dict(n.observed),
-            "refused": dict(n.refused),
+            "refused": n.refusals(),
             "active": None if active is None else active.__dict__,
             "queued": len(n.queue),
             "switches": n.switches,
@@ -231,7 +232,7 @@ class Endpoint:
         rows = [
             {"id": BASE, "object": "model", "created": created, "owned_by": "kd-daemon", "kd": adapter_label(BASE, 0)}
         ]
-        refused = dict(self.neurons.refused)
+        refused = self.neurons.refusals()
         for domain, s in sorted(self.neurons.served.items()):
             row = {"id": domain, "object": "model", "created": int(s.installed_at), "owned_by": "kd-daemon"}
             rows.append({**row, "kd": {**adapter_label(domain, s.version), "refused": refused.get(domain)}})
@@ -362,6 +363,17 @@ class Reply:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+async def http_problem(request: Request, exc: Exception) -> Response:
+    """Routing errors (404, 405) in OpenAI's error shape."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    return error_response(status, exc.detail if isinstance(exc, HTTPException) else str(exc))
+
+
+async def server_problem(request: Request, exc: Exception) -> Response:
+    log.error("request_failed", path=request.url.path, error=f"{type(exc).__name__}: {exc}")
+    return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+
+
 def create_app(neurons: Neurons, settings: ClientSettings) -> ASGIApp:
     """The ASGI app: routes, plus Bearer auth when KD_SERVE_API_KEY is set."""
     ep = Endpoint(neurons, settings)
@@ -371,7 +383,8 @@ def create_app(neurons: Neurons, settings: ClientSettings) -> ASGIApp:
             Route("/v1/models", ep.models, methods=["GET"]),
             Route("/v1/chat/completions", ep.chat, methods=["POST"]),
             Route("/v1/completions", ep.text, methods=["POST"]),
-        ]
+        ],
+        exception_handlers={HTTPException: http_problem, Exception: server_problem},
     )
     key = settings.serve_api_key.get_secret_value() if settings.serve_api_key else None
     return BearerAuth(app, key) if key else app
