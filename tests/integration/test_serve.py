@@ -211,6 +211,12 @@ def test_bad_requests_get_4xx_and_the_server_stays_up(site):
         got, _, reply = server.request("POST", "/v1/chat/completions", body)
         assert got == status, (body if isinstance(body, bytes) else str(body)[:200], reply)
         assert reply["error"]["message"]
+    conn = server.connect()  # a chunked body declares no length: the limit holds while reading
+    chunks = iter([b'{"model": "memory", "messages": [{"role": "user", "content": "', b"x" * 70000, b'"}]}'])
+    conn.request("POST", "/v1/chat/completions", body=chunks, encode_chunked=True)
+    resp = conn.getresponse()
+    assert resp.status == 413 and json.loads(resp.read())["error"]["message"]
+    conn.close()
     assert server.request("GET", "/v1/chat/completions")[0] == 405
     assert server.request("GET", "/v1/nothing")[0] == 404
 
