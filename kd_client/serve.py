@@ -34,7 +34,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jobs.errors import ConfigError
-from kd_client.neurons import BASE, Chunk, Event, Failed, Finished, Job, Neurons, Sampling, ServeError, Started
+from kd_client.neurons import BASE, Neurons
+from kd_client.servejobs import Chunk, Event, Failed, Finished, Job, Sampling, ServeError, Started
 from kd_client.settings import ClientSettings
 
 log = structlog.get_logger(__name__)
@@ -194,6 +195,13 @@ async def read_body(request: Request, limit: int) -> Any:
         raise HTTPProblem(400, f"the body is not valid JSON: {e}") from e
 
 
+async def cancel_on_disconnect(request: Request, job: Job) -> None:
+    """A client that leaves while its request waits or runs frees the MLX thread for the others."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled.set()
+
+
 def parse(model: type[CompletionFields], data: Any) -> Any:
     try:
         return model.model_validate(data)
@@ -252,6 +260,7 @@ class Endpoint:
             return error_response(e.status, e.message, e.kind)
         except ServeError as e:
             return error_response(e.status, str(e), "model_not_found" if e.status == 404 else "server_error")
+        gone = asyncio.create_task(cancel_on_disconnect(request, job))
         try:
             first = await events.get()
             if isinstance(first, Failed):
@@ -260,10 +269,12 @@ class Endpoint:
                 return error_response(500, f"unexpected first event {first!r}", "server_error")
             reply = Reply(req, first, job.id, isinstance(req, ChatRequest))
             headers = {HEADER: header_value(first.neuron, first.version)}
-            if req.stream:
+            if req.stream:  # StreamingResponse listens for the disconnect itself from here on
+                gone.cancel()
                 return StreamingResponse(reply.sse(events, job), media_type="text/event-stream", headers=headers)
             return await reply.whole(events, headers)
         finally:
+            gone.cancel()
             if not req.stream:
                 job.cancelled.set()  # a no-op once finished; stops the generation if this task was cancelled
 
@@ -408,7 +419,13 @@ def serve(model: str, adapters: str, host: str, port: int, settings: ClientSetti
     ).start()
     try:
         config = uvicorn.Config(
-            create_app(neurons, settings), host=host, port=port, log_config=None, access_log=False, lifespan="off"
+            create_app(neurons, settings),
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=10,  # then open requests are cancelled, which stops their generations
         )
         log.info("serve_listening", host=host, port=port, model=model, adapters=adapters, auth=key is not None)
         uvicorn.Server(config).run()

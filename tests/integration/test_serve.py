@@ -229,6 +229,14 @@ def test_bad_requests_get_4xx_and_the_server_stays_up(site):
     done = wait_for(lambda: [e for e in _events(server, "generated") if e["job"] == job_id], 60, what="cancel")
     assert done[0]["tokens"] < 1000
 
+    before = len(_events(server, "generated"))  # ... and one that leaves a non-streaming request
+    conn = server.connect()
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({**body, "stream": False}))
+    wait_for(lambda: (server.health()["active"] or {}).get("neuron") == "memory", 60, what="the generation")
+    conn.close()
+    done = wait_for(lambda: _events(server, "generated")[before:], 60, what="the generation to stop")
+    assert done[0]["tokens"] < 1000
+
     assert server.proc is not None and server.proc.poll() is None
     assert server.health()["status"] == "ok"
     assert chat(server, "memory", "hi")[0] == 200

@@ -10,9 +10,9 @@ import pytest
 from mlx_lm.models.cache import KVCache
 
 from jobs.errors import ConfigError
-from kd_client.neurons import Job, StopText, choose
 from kd_client.promptcache import PromptCache
 from kd_client.serve import check_binding, is_loopback
+from kd_client.servejobs import Job, StopText, choose
 
 
 def job(neuron: str) -> Job:
