@@ -302,7 +302,8 @@ class Neurons:
             mx.random.seed(s.seed)
         active = self.active = Active(job.id, job.neuron, version, 0)
         job.emit(Started(job.neuron, version, len(ids), len(ids) - len(rest)))
-        stop, generated, finish = StopText(job.stop), [], "length"
+        stop, generated, finish, parts = StopText(job.stop), [], "length", []
+        send = job.emit if job.stream else lambda chunk: parts.append(chunk.text)  # one wake-up per answer
         stream = stream_generate(
             self._model,
             self._tokenizer,
@@ -317,14 +318,16 @@ class Neurons:
                 generated.append(r.token)
                 self.active = replace(active, tokens=len(generated))
                 if text := stop.feed(r.text):
-                    job.emit(Chunk(text))
+                    send(Chunk(text))
                 finish = "stop" if stop.hit else (r.finish_reason or finish)
                 if stop.hit or job.cancelled.is_set():
                     break
         finally:
             stream.close()
         if (tail := stop.flush()) and not stop.hit:
-            job.emit(Chunk(tail))
+            send(Chunk(tail))
+        if parts:
+            job.emit(Chunk("".join(parts)))
         self.cache.insert(key, (ids + generated)[: cache[0].offset], cache)
         self.cache_view = tuple(self.cache.describe())
         job.emit(Finished(finish, len(ids), len(generated), len(ids) - len(rest)))

@@ -298,6 +298,7 @@ class Endpoint:
             messages=[m.as_template() for m in req.messages] if isinstance(req, ChatRequest) else None,
             prompt=req.prompt if isinstance(req, TextRequest) else None,
             stop=req.stops(),
+            stream=req.stream,
             sampling=req.sampling(),
         )
         self.neurons.submit(job)

@@ -84,6 +84,7 @@ class Job:
     messages: list[dict[str, Any]] | None = None  # chat: through the tokenizer's chat template
     prompt: str | None = None  # plain completion
     stop: tuple[str, ...] = ()
+    stream: bool = False  # Chunk events as text comes (else one Chunk with the whole text)
     sampling: Sampling = Sampling()
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     cancelled: threading.Event = field(default_factory=threading.Event)
