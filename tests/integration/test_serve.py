@@ -126,7 +126,9 @@ def test_a_publish_during_a_stream(site):
     resp.close()
     conn.close()
     assert all(c["kd"] == {"domain": "task", "version": 1} for c in chunks)
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]]
+    assert sum(1 for p in pieces if p) > LONG // 4, "the text must stream as it is generated"
+    text = "".join(pieces)
     assert text == expected(student, version_dir(root, "task", 1), prompt, LONG)
     assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
 
