@@ -260,6 +260,29 @@ def cmd_follow(args, settings) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args, settings) -> int:
+    """The OpenAI-compatible endpoint of the neurons (kd_client/serve.py), until SIGINT/SIGTERM."""
+    import logging
+
+    import structlog
+
+    from jobs.errors import ConfigError
+    from kd_client.serve import serve
+
+    renderer = structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"), renderer],
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    )
+    try:
+        serve(args.model, args.adapters or str(settings.adapters_dir), args.host, args.port, settings)
+    except ConfigError as e:
+        print(f"kd-client serve: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
 def _first_prompt(domain: str) -> str:
     path = Path(_sample(domain))
     if not path.is_file():
@@ -337,6 +360,19 @@ def build_parser() -> argparse.ArgumentParser:
     fo.add_argument("--poll", action="store_true", help="force polling (network filesystems)")
     fo.add_argument("--max-swaps", type=int, help="exit after this many swaps")
     fo.set_defaults(func=cmd_follow)
+
+    sv = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible endpoint: one resident student base, every published domain's adapter, hot-reloaded",
+        description="POST /v1/chat/completions and /v1/completions (model = a domain or 'base'), GET /v1/models, "
+        "GET /health. Each response names the adapter version it came from (header X-KD-Adapter, field kd). "
+        "Binding beyond loopback requires KD_SERVE_API_KEY (sent as 'Authorization: Bearer ...').",
+    )
+    sv.add_argument("--model", required=True, help="the student base model directory (the adapters' base)")
+    sv.add_argument("--adapters", help="the published adapters directory (default: KD_ADAPTERS_DIR, adapters_kd)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.set_defaults(func=cmd_serve)
     return p
 
 
