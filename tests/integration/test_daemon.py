@@ -130,8 +130,11 @@ def test_malformed_data_fails_the_job_clearly_and_worker_lives_on(env, worker):
     job = KDJob(
         domain="memory", data=(DataRef(kind="prompts", sha256=sha, records=2, size=len(bad), name="bad.jsonl"),)
     )
+    ticket = int(conn.incr("kd:seq:memory"))  # the meta a client writes; only the data is bad
     rq_job = Queue("kd", connection=conn, serializer=JSONSerializer).enqueue(
-        TASK_FUNC, kwargs={"payload": job.model_dump(mode="json")}
+        TASK_FUNC,
+        kwargs={"payload": job.model_dump(mode="json")},
+        meta={"ticket": ticket, "domain": "memory", "submitter": "test"},
     )
     st = wait_status(conn, rq_job.id, {"failed"})
     assert "DataError" in st["error"] and "bad.jsonl line 2" in st["error"] and "not valid JSON" in st["error"]
