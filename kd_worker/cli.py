@@ -132,6 +132,7 @@ def cmd_run(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
     try:
         return serve(settings, blas.library, burst=args.burst, max_jobs=args.max_jobs)
     except ConfigError as e:
+        log.error("config_error", error=str(e))  # the service log says why it stopped (exit 78: not restarted)
         print(f"kd-worker run: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
