@@ -28,12 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import hashlib
-import json
 import os
 import re
-import shutil
 import stat
 import uuid
 from collections.abc import Callable, Iterator
@@ -47,6 +43,18 @@ import structlog
 from jobs import jsonsafe
 from jobs.errors import PublishError, SecurityError
 from jobs.models import check_domain
+from jobs.safefs import (  # noqa: F401 (locked, write_bytes_atomic, sha256_file: used through this module too)
+    fsync,
+    fsync_dir,
+    is_real_dir,
+    locked,
+    open_dir,
+    read_nofollow,
+    remove_at,
+    sha256_file,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +66,6 @@ WEIGHTS, ADAPTER_CONFIG, METRICS = "adapters.safetensors", "adapter_config.json"
 COMPAT = (WEIGHTS, ADAPTER_CONFIG, METRICS, MANIFEST)
 
 _VERSION_NAME = re.compile(r"[0-9]{4,}")  # ASCII digits only ("²".isdigit() is True)
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -88,13 +95,6 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _is_real_dir(path: Path | str, dir_fd: int | None = None) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path, dir_fd=dir_fd).st_mode)
-    except OSError:
-        return False
-
-
 def domain_dir(root: Path, domain: str) -> Path:
     """The domain's directory, refused if the name would leave `root` or a link was planted there."""
     try:
@@ -112,108 +112,31 @@ def domain_dir(root: Path, domain: str) -> Path:
     return d
 
 
-def _open_dir(path: Path, name: str | None = None, dir_fd: int | None = None) -> int:
-    """A directory descriptor; a link there is refused (SecurityError), never followed."""
-    target = name if name is not None else path
-    try:
-        return os.open(target, _DIR, dir_fd=dir_fd)
-    except OSError as e:
-        if e.errno == errno.ELOOP or (e.errno == errno.ENOTDIR and os.path.islink(path)):
-            raise SecurityError(
-                f"{path} is a symbolic link to {os.readlink(path)}; it must be a real directory inside its "
-                "domain (the publisher never follows a link it did not create): remove the link"
-            ) from e
-        raise
-
-
 @contextlib.contextmanager
 def _opened(d: Path, create: bool) -> Iterator[tuple[int, int]]:
     """Descriptors of the domain dir and its versions/ (created if asked), both real directories."""
     with contextlib.ExitStack() as stack:
         if create:
             d.mkdir(parents=True, exist_ok=True)
-        dfd = _open_dir(d)
+        dfd = open_dir(d)
         stack.callback(os.close, dfd)
         if create:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(VERSIONS, dir_fd=dfd)
-        vfd = _open_dir(d / VERSIONS, VERSIONS, dfd)
+        vfd = open_dir(d / VERSIONS, VERSIONS, dfd)
         stack.callback(os.close, vfd)
         yield dfd, vfd
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (flock) that every process on this machine respects."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError as e:  # e.g. a file where the domain's directory must be, or a planted link
-        raise PublishError(f"cannot lock {path}: {e}; {path.parent} must be a writable directory") from e
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-def _fsync(fd: int) -> None:
-    os.fsync(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        _fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _read_nofollow(path: Path) -> bytes:
-    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
-        return f.read()
 
 
 def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Temp file in the same directory, created with its final mode (it may hold a secret), fsync,
-    os.replace: readers see the old or the new content, never half."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
-            f.write(data)
-            f.flush()
-            _fsync(f.fileno())
-        os.chmod(tmp, mode)  # the umask may have narrowed it
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-
-
 def read_manifest(version_dir: Path) -> dict[str, Any]:
     """The manifest of a version, checked to name the domain and version it lies in (not the files)."""
     path = Path(version_dir) / MANIFEST
     try:
-        manifest = jsonsafe.loads(_read_nofollow(path))
+        manifest = jsonsafe.loads(read_nofollow(path))
     except (OSError, ValueError) as e:
         raise PublishError(f"{version_dir} has no readable {MANIFEST}: {e}") from e
     if not isinstance(manifest, dict):
@@ -277,7 +200,7 @@ def resolve(root: Path, domain: str) -> Version | None:
     target = _pointer_target(d)
     name = target.removeprefix(f"{VERSIONS}/") if target and target.startswith(f"{VERSIONS}/") else ""
     number = version_number(name)
-    if number is None or not _is_real_dir(d / VERSIONS) or not _is_real_dir(d / VERSIONS / name):
+    if number is None or not is_real_dir(d / VERSIONS) or not is_real_dir(d / VERSIONS / name):
         return None
     return Version(domain, number, (d / VERSIONS / name).resolve())
 
@@ -291,7 +214,7 @@ def _listing(d: Path, vfd: int) -> tuple[list[Version], int]:
             log.warning("version_folder_ignored", path=str(d / VERSIONS / name), reason="not a version number")
             continue
         highest = max(highest, number)
-        if _is_real_dir(name, vfd):
+        if is_real_dir(name, vfd):
             found.append(Version(d.name, number, d / VERSIONS / name))
         else:
             log.warning("version_folder_ignored", path=str(d / VERSIONS / name), reason="not a real directory")
@@ -310,7 +233,7 @@ def versions(root: Path, domain: str) -> list[Version]:
 def read_summary(root: Path) -> dict[str, Any]:
     path = Path(root) / SUMMARY
     try:
-        summary = jsonsafe.loads(_read_nofollow(path))
+        summary = jsonsafe.loads(read_nofollow(path))
     except FileNotFoundError:
         return {"schema": 1, "domains": {}}
     except (OSError, ValueError) as e:
@@ -382,7 +305,7 @@ def _swap_pointer(dfd: int, version: Version) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dfd)
         raise
-    _fsync(dfd)
+    fsync(dfd)
 
 
 def _compat_links(dfd: int, version: Version) -> None:
@@ -408,27 +331,13 @@ def _compat_links(dfd: int, version: Version) -> None:
                 os.unlink(name, dir_fd=dfd)
 
 
-def _remove(name: str, dir_fd: int, path: Path) -> None:
-    """Delete an entry of a directory we hold open: a link or file is unlinked, a real directory
-    removed without following any link inside it."""
-    try:
-        if not stat.S_ISDIR(os.lstat(name, dir_fd=dir_fd).st_mode):
-            os.unlink(name, dir_fd=dir_fd)
-        elif shutil.rmtree.avoids_symlink_attacks:
-            shutil.rmtree(name, dir_fd=dir_fd)
-        else:  # no fd-based rmtree on this platform: path-based, after the lstat above
-            shutil.rmtree(path)
-    except OSError as e:
-        log.warning("remove_failed", path=str(path), error=str(e))
-
-
 def _prune(d: Path, vfd: int, keep: int) -> None:
     """Old real version dirs of this domain go; never the current one, never the newest."""
     current = resolve(d.parent, d.name)
     kept, _ = _listing(d, vfd)
     for v in kept[: -max(keep, 1)]:
         if current is None or v.number != current.number:
-            _remove(v.name, vfd, v.path)
+            remove_at(v.name, vfd, v.path)
 
 
 def _stage(stage: Path, write: Callable[[Path], None], summary: dict[str, Any], number: int) -> None:
@@ -439,8 +348,8 @@ def _stage(stage: Path, write: Callable[[Path], None], summary: dict[str, Any], 
     write_json_atomic(stage / MANIFEST, {"domain": d.name, "version": number, "files": files, "summary": summary})
     for p in _files(stage):
         with open(p, "rb") as f:
-            _fsync(f.fileno())
-    _fsync_dir(stage)
+            fsync(f.fileno())
+    fsync_dir(stage)
 
 
 def publish(root: Path, domain: str, write: Callable[[Path], None], summary: dict[str, Any], keep: int = 5) -> Version:
@@ -457,10 +366,9 @@ def publish(root: Path, domain: str, write: Callable[[Path], None], summary: dic
                 f"publishing {domain} failed: cannot create {d / VERSIONS}: {e}; {d} must be a writable directory"
             ) from e
         stack.enter_context(locked(d / ".lock"))
-        for stale in [
-            n for n in os.listdir(dfd) if n.startswith(".staging-")
-        ]:  # a crashed publish's (we hold the lock)
-            _remove(stale, dfd, d / stale)
+        # debris of a crashed publish (we hold the lock)
+        for stale in [n for n in os.listdir(dfd) if n.startswith(".staging-")]:
+            remove_at(stale, dfd, d / stale)
         version, entry = _publish_locked(d, dfd, vfd, write, summary)
         problems = _after_swap(root, d, dfd, version, entry)
         _prune(d, vfd, keep)
@@ -487,24 +395,24 @@ def _publish_locked(
         _stage(d / stage, write, entry, number)
         os.rename(stage, version.name, src_dir_fd=dfd, dst_dir_fd=vfd)
         stage = None
-        _fsync(vfd)
+        fsync(vfd)
     except OSError as e:
         if stage is not None:
-            _remove(stage, dfd, d / stage)
+            remove_at(stage, dfd, d / stage)
         hint = " (disk full)" if e.errno == errno.ENOSPC else ""
         raise PublishError(f"publishing {domain} failed{hint}: {e}; the previous version stays current") from e
     except BaseException:
         if stage is not None:
-            _remove(stage, dfd, d / stage)
+            remove_at(stage, dfd, d / stage)
         raise
-    if previous and resolve(d.parent, domain) is None:
+    if previous is not None and resolve(d.parent, domain) is None:
         log.warning("invalid_pointer_replaced", pointer=str(d / POINTER), target=previous)
     try:
         _swap_pointer(dfd, version)
     except OSError as e:
         if _pointer_target(d, dfd) == f"{VERSIONS}/{version.name}":  # swapped, only the directory fsync failed
             raise PublishError(f"{domain} v{number} is current; syncing the pointer failed: {e}") from e
-        _remove(version.name, vfd, version.path)  # never current, so no reader has it
+        remove_at(version.name, vfd, version.path)  # never current, so no reader has it
         raise PublishError(
             f"publishing {domain} failed at the pointer swap: {e}; the previous version stays current"
         ) from e

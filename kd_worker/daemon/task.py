@@ -34,7 +34,7 @@ from jobs.models import (
     run_id,
     seq_key,
 )
-from jobs.publisher import sha256_file, write_bytes_atomic
+from jobs.safefs import sha256_file, write_bytes_atomic
 from kd_worker.daemon import ordering
 from kd_worker.daemon.runtime import WorkerContext, current_context
 from kd_worker.engine.distill import DistillRequest, run_distillation
