@@ -5,6 +5,7 @@ hash, before rq reads it; a refusal is recorded as a failed job that rq and kd-c
 from __future__ import annotations
 
 import json
+import tracemalloc
 import zlib
 
 import fakeredis
@@ -16,6 +17,7 @@ from rq.serializers import JSONSerializer
 
 from jobs import jsonsafe
 from jobs.errors import ConfigError, SecurityError, StateError
+from jobs.models import parse_job
 from kd_client import queue as Q
 from kd_client.settings import ClientSettings
 from kd_worker.daemon.contract import (
@@ -109,8 +111,12 @@ def test_an_rq_callback_is_refused_as_enqueued_by_rq_itself(conn, job_id):
 def test_data_is_inflated_with_a_bound():
     z = zlib.compressobj()
     bomb = b"".join(z.compress(bytes(1 << 20)) for _ in range(64)) + z.flush()
+    tracemalloc.start()
     with pytest.raises(ValueError, match="inflates past 1,024 bytes"):
         inflate(bomb, 1024)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20  # the 64 MB were never produced
     assert inflate(zlib.compress(b"x" * 1024), 1024) == b"x" * 1024
     with pytest.raises(ValueError, match="whole zlib stream"):
         inflate(zlib.compress(b"abc") + b"junk", 1024)
@@ -135,3 +141,15 @@ def test_json_nesting_is_limited_without_recursion():
         with pytest.raises(jsonsafe.TooDeep):
             jsonsafe.loads(text)
     assert jsonsafe.loads('{"a": [1, 2]}') == {"a": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    "field, value", [("schema_version", "1"), ("schema_version", 1.0), ("force_publish", "yes"), ("force_publish", 1)]
+)
+def test_payload_fields_are_not_coerced(field, value):
+    payload = {"domain": "memory", "data": [{"kind": "prompts", "sha256": "a" * 64, "records": 1, "size": 3}]}
+    assert parse_job(payload).force_publish is False
+    with pytest.raises(ConfigError, match=field):
+        parse_job({**payload, field: value})
+    with pytest.raises(ConfigError, match="records"):
+        parse_job({**payload, "data": [{**payload["data"][0], "records": "1"}]})
