@@ -386,3 +386,13 @@ def test_a_worker_key_of_the_wrong_type_is_a_typed_error(scene, key):
     failed_with(scene.settle(job), "StateError", name)
     assert "WRONGTYPE" not in row(scene.conn, job)["error"]
     guard.check(repair=lambda: scene.conn.delete(name))
+
+
+def test_a_queue_key_of_the_wrong_type_does_not_end_the_worker(scene):
+    """The worker pops from kd:high, kd, kd:low at once: one of them a hash fails every pop."""
+    guard = scene.unharmed("queue_key")
+    scene.conn.hset("rq:queue:kd:low", "planted", "1")
+    job = submit(scene.env, "queue_key", prompts=[SAMPLES / "memory.jsonl"], overrides=QUICK)
+    assert scene.settle(job)["status"] == "finished"  # popped from kd before kd:low is looked at
+    wait_for(lambda: scene.worker.events("queue_key_wrong_type"), 60, what="the worker reporting the key")
+    guard.check(repair=lambda: scene.conn.delete("rq:queue:kd:low"))
