@@ -15,6 +15,7 @@ from jobs.config import parse_overrides
 from jobs.errors import KDError
 from jobs.models import DOMAINS, PRIORITIES
 from jobs.records import DataKind, read_records
+from kd_client.queue import check_data_size
 
 EXIT_OK, EXIT_FAILED, EXIT_NOT_PUBLISHED, EXIT_STOPPED, EXIT_SPOOLED, EXIT_CONFIG = 0, 1, 3, 4, 75, 78
 FINAL = {"finished", "failed", "stopped", "canceled"}
@@ -31,11 +32,14 @@ def exit_code(row: dict[str, Any]) -> int:
     return EXIT_OK
 
 
-def _records(path: str, kind: DataKind) -> list[dict]:
+def _records(path: str, kind: DataKind, max_bytes: int | None = None) -> list[dict]:
+    """The records of a JSONL file; the size limit applies to the file as given (padding counts)."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise KDError(f"cannot read {path}: {e.strerror}") from e
+    if max_bytes is not None:
+        check_data_size(data, path, max_bytes)
     return [r.model_dump(exclude_none=True) for r in read_records(data, kind, Path(path).name)]
 
 
@@ -51,8 +55,9 @@ def cmd_submit(args, settings) -> int:
     if not args.all_domains and not args.domain:
         raise KDError("give --domain D (or --all-domains)")
     overrides = parse_overrides(args.set or [])
-    given = [r for f in args.prompts or [] for r in _records(f, "prompts")]  # read once, not per domain
-    corrections = [r for f in args.corrections or [] for r in _records(f, "corrections")]
+    limit = settings.max_data_bytes
+    given = [r for f in args.prompts or [] for r in _records(f, "prompts", limit)]  # read once, not per domain
+    corrections = [r for f in args.corrections or [] for r in _records(f, "corrections", limit)]
     code, receipts = EXIT_OK, []
     for domain in domains:
         prompts = given or (_records(_sample(domain), "prompts") if args.all_domains else [])
