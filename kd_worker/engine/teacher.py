@@ -35,13 +35,14 @@ def make_sampler(temperature: float, top_k: int, top_p: float, n_vocab: int) -> 
     """Temperature / top-k / top-p sampling that never sorts the whole vocabulary: top-p runs on
     a top-k pre-selection (mlx-lm's apply_top_p sorts all V entries every decoding step).
     Only real tokens (< n_vocab) can be drawn: embedding padding rows are never sampled."""
-    k = top_k or (TOP_P_PRESELECT if top_p < 1.0 else 0)
+    k_max = top_k or (TOP_P_PRESELECT if top_p < 1.0 else 0)
 
     def sample(logprobs: mx.array) -> mx.array:
         logprobs = logprobs[..., :n_vocab]
         if temperature == 0:
             return mx.argmax(logprobs, axis=-1)
-        if k == 0 or k >= logprobs.shape[-1]:
+        k = min(k_max, logprobs.shape[-1])  # a vocabulary within top-k still gets its top-p cut
+        if k == 0 or (k == logprobs.shape[-1] and top_p >= 1.0):
             return mx.random.categorical(logprobs / temperature)
         idx = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., :k]
         vals = mx.take_along_axis(logprobs, idx, axis=-1) / temperature
