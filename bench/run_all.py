@@ -17,6 +17,7 @@ FULL = [
     ["bench.step"],
     ["bench.datagen"],
     ["bench.targets"],
+    ["bench.topk"],
     ["bench.scaling"],
     ["bench.queue"],
     ["bench.resident", "--shape", "tiny"],
@@ -30,6 +31,7 @@ QUICK = {
     "bench.scaling": ["--sizes", "12", "24", "48"],
     "bench.queue": ["--jobs", "4"],
     "bench.serve": ["--shapes", "tiny"],
+    "bench.topk": ["--models", "tiny"],
 }
 
 

@@ -94,12 +94,9 @@ def test_list_by_state_and_workers_before_and_during_work(env, worker):
     dropped = submit(env, "debug")
     conn = connect(env)
     assert Q.cancel(conn, dropped) == "canceled"
-    assert {r["id"] for r in listed(env, "queued")} == {broken, fine}
     table = kd_client({**env, "COLUMNS": "200"}, "list", "--state", "canceled", "--state", "failed")  # whole ids
-    assert table.returncode == EXIT_OK and dropped in table.stdout and fine not in table.stdout
-    assert "kd jobs (1)" in table.stdout
-    bad = kd_client(env, "list", "--state", "exploded")
-    assert bad.returncode == 2 and "invalid choice: 'exploded'" in bad.stderr  # argparse's usage error
+    assert table.returncode == EXIT_OK and "kd jobs (1)" in table.stdout
+    assert dropped in table.stdout and broken not in table.stdout and fine not in table.stdout  # queued: not shown
 
     w = worker(name="cli-worker")
     wait_for(lambda: Q.workers(conn), 30, what="the worker's health key")
