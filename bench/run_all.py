@@ -31,7 +31,6 @@ QUICK = {
     "bench.scaling": ["--sizes", "12", "24", "48"],
     "bench.queue": ["--jobs", "4"],
     "bench.serve": ["--shapes", "tiny"],
-    "bench.topk": ["--models", "tiny"],
 }
 
 
