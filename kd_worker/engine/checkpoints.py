@@ -20,6 +20,7 @@ from typing import Any
 import mlx.core as mx
 import structlog
 
+from jobs.durable import fsync_tree
 from jobs.errors import KDError
 from jobs.publisher import sha256_file
 
@@ -31,8 +32,6 @@ SHA_KEY = "state_sha256"  # in state.json: the sha256 of state.safetensors as sa
 
 class CheckpointUnusable(KDError):
     """A checkpoint is incomplete or damaged; the run falls back to an older one."""
-
-from jobs.durable import fsync_tree
 
 
 def save_adapter_file(path: Path, arrays: dict[str, mx.array]) -> None:
