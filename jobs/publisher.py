@@ -40,8 +40,7 @@ from typing import Any
 
 import structlog
 
-from jobs import jsonsafe
-from jobs.durable import fsync
+from jobs import durable, jsonsafe
 from jobs.errors import PublishError, SecurityError
 from jobs.models import check_domain
 from jobs.safefs import (  # noqa: F401 (locked, write_bytes_atomic, sha256_file: used through this module too)
@@ -305,7 +304,7 @@ def _swap_pointer(dfd: int, version: Version) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dfd)
         raise
-    fsync(dfd)
+    durable.fsync(dfd)
 
 
 def _compat_links(dfd: int, version: Version) -> None:
@@ -348,7 +347,7 @@ def _stage(stage: Path, write: Callable[[Path], None], summary: dict[str, Any], 
     write_json_atomic(stage / MANIFEST, {"domain": d.name, "version": number, "files": files, "summary": summary})
     for p in _files(stage):
         with open(p, "rb") as f:
-            fsync(f.fileno())
+            durable.fsync(f.fileno())
     fsync_dir(stage)
 
 
@@ -395,7 +394,7 @@ def _publish_locked(
         _stage(d / stage, write, entry, number)
         os.rename(stage, version.name, src_dir_fd=dfd, dst_dir_fd=vfd)
         stage = None
-        fsync(vfd)
+        durable.fsync(vfd)
     except OSError as e:
         if stage is not None:
             remove_at(stage, dfd, d / stage)

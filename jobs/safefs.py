@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from jobs.durable import fsync
+from jobs import durable
 from jobs.errors import PublishError, SecurityError
 
 log = structlog.get_logger(__name__)
@@ -71,7 +71,7 @@ def locked(path: Path) -> Iterator[None]:
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        fsync(fd)
+        durable.fsync(fd)
     finally:
         os.close(fd)
 
@@ -97,7 +97,7 @@ def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
             f.write(data)
             f.flush()
-            fsync(f.fileno())
+            durable.fsync(f.fileno())
         os.chmod(tmp, mode)  # the umask may have narrowed it
         os.replace(tmp, path)
     except BaseException:

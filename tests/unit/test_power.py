@@ -91,7 +91,9 @@ def test_a_missing_caffeinate_is_logged_and_the_job_goes_on(tmp_path):
 def run_worker(monkeypatch, job_body, jobs: int) -> tuple[list[Job], KDWorker]:
     conn = fakeredis.FakeRedis()
     queue = Queue("kd", connection=conn, serializer=JSONSerializer)
-    enqueued = [queue.enqueue(TASK_FUNC, kwargs={"payload": {"n": i}}) for i in range(jobs)]
+    meta = [{"ticket": i + 1, "domain": "memory", "submitter": "test"} for i in range(jobs)]  # what kd-client writes
+    payloads = [{"n": i, "domain": "memory"} for i in range(jobs)]
+    enqueued = [queue.enqueue(TASK_FUNC, kwargs={"payload": payloads[i]}, meta=meta[i]) for i in range(jobs)]
     monkeypatch.setattr(task, "run_kd_job", job_body)  # rq imports the allow-listed name at run time
     worker = KDWorker([queue], conn, JobControl(), keep_awake=darwin_keep_awake)
     worker.work(burst=True)
