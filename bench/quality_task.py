@@ -6,6 +6,8 @@
     odd: 3,8,5,2      -> 3 or 5         probability over the set (dark knowledge that one
     above 4: 3,8,5,2  -> 8 or 5         sampled response per prompt cannot carry)
     below 6: 3,8,5,2  -> 3, 5 or 2
+    sort: 3,8,5,2     -> 2,3,5,8        a sequence answer (7-11 tokens): one early wrong token
+                                        derails the rest (the exposure-bias task, `SEQ_OPS`)
 
 Every answer is checkable (`check`). The student's base learns only the *format* on other
 questions about the same lists (`FORMAT_OPS`: first, last, count, copy), so LoRA distillation
@@ -23,6 +25,7 @@ TASK_VERSION = 1  # bump when questions, answers or rendering change: cached mod
 KD_OPS = ("max", "min", "even", "odd", "above", "below")  # what the teacher knows and the student learns
 SET_OPS = frozenset({"even", "odd", "above", "below"})  # several correct answers
 FORMAT_OPS = ("first", "last", "count", "copy")  # the student base's pretraining (format competence)
+SEQ_OPS = ("sort",)  # multi-token answers where the student's own early mistakes derail the rest (on-policy)
 MIN_ITEMS, MAX_ITEMS = 4, 6
 
 
@@ -60,6 +63,8 @@ def answers_for(op: str, digits: tuple[int, ...], k: int | None) -> frozenset[st
         return frozenset({str(len(digits))})
     if op == "copy":
         return frozenset({",".join(map(str, digits))})
+    if op == "sort":
+        return frozenset({",".join(map(str, sorted(digits)))})
     keep = {
         "even": lambda d: d % 2 == 0,
         "odd": lambda d: d % 2 == 1,

@@ -2,7 +2,8 @@
 and the queue worker share.
 
     examples -> teacher prompts -> responses (generated, cached) -> targets (scored, cached)
-             -> student sequences -> LoRA training (checkpointed) -> Candidate
+             -> student sequences -> LoRA training (checkpointed; on_policy > 0: with student rollouts
+       scored by the teacher, engine.onpolicy) -> the selected step (engine.selection) -> Candidate
 
 What happens to the candidate is the caller's: `engine.gate.publish_gate` judges it and
 `engine.outputs.publish` hands it to `jobs.publisher`, the only writer of adapters_kd/.
@@ -18,15 +19,15 @@ import numpy as np
 
 from jobs.config import KDConfig
 from jobs.errors import ConfigError, DataError, ModelError
-from kd_worker.engine import outputs, xtok
-from kd_worker.engine.batches import OfflineBatches
+from kd_worker.engine import onpolicy, outputs, selection, xtok
+from kd_worker.engine.batches import BatchSource, OfflineBatches
 from kd_worker.engine.checkpoints import DirCheckpointStore
 from kd_worker.engine.data import Example, StudentSequence, render_prompt, split_examples
-from kd_worker.engine.hooks import Hooks
+from kd_worker.engine.hooks import HookList, Hooks
 from kd_worker.engine.models import LoadedModel
 from kd_worker.engine.objective import Objective
 from kd_worker.engine.teacher import Teacher
-from kd_worker.engine.trainer import TrainSchedule, adapter_weights, attach_lora, train
+from kd_worker.engine.trainer import adapter_weights, attach_lora, train
 from kd_worker.engine.types import Candidate, DistillRequest, Prepared, Scored
 from kd_worker.engine.vocab import VocabPlan, plan_vocabulary
 
@@ -68,6 +69,7 @@ def prepare(
 ) -> Prepared:
     """Vocabulary plan, teacher responses and targets (cached), student sequences."""
     plan = plan_vocabulary(teacher.lm, student, allow_cross=True)  # different tokenizers: engine.xtok
+    onpolicy.check_pair(plan, cfg)  # before any teacher work
     ordered = train_ex + val_ex
     prompts = teacher.prompts(ordered, cfg.max_seq_length)
     t0 = time.perf_counter()
@@ -97,7 +99,39 @@ def distill(
     require_trainable(student, cfg)
     store = DirCheckpointStore(checkpoints)
     objective = Objective.from_config(cfg, data.plan.student_vocab)
-    batches = OfflineBatches(data.train, cfg.batch_size, cfg.seed)
-    result = train(student, batches, objective, store, hooks, TrainSchedule.from_config(cfg), data.val)
+    batches = training_batches(teacher, student, train_ex, data, cfg, hooks)
+    if cfg.patience:  # primed with the history of the checkpoint the run resumes from, if any
+        resumed = store.latest()
+        hooks = HookList(hooks, selection.Patience(cfg.patience, resumed[2]["history"]["val"] if resumed else ()))
+    result = train(student, batches, objective, store, hooks, selection.schedule(cfg), data.val)
+    last = selection.last_step(result.history)
+    chosen = selection.choose(result.history["val"], cfg.select, last)
+    if chosen.step != last:  # select=best: the selected step's adapter, from its checkpoint
+        student.model.load_weights(list(store.adapter(chosen.step).items()), strict=False)
     identity = outputs.identity_doc(teacher.lm, student, cfg, data.plan)
-    return Candidate(request, cfg, teacher.lm, student, data, result, store, len(examples), identity)
+    return Candidate(request, cfg, teacher.lm, student, data, result, store, len(examples), identity, chosen.doc())
+
+
+def training_batches(
+    teacher: Teacher, student: LoadedModel, train_ex: list[Example], data: Prepared, cfg: KDConfig, hooks: Hooks
+) -> BatchSource:
+    """The offline batches (the teacher's responses); with on_policy > 0, a share of student rollouts."""
+    offline = OfflineBatches(data.train, cfg.batch_size, cfg.seed)
+    if cfg.on_policy == 0:
+        return offline
+    prompts = list(
+        zip(
+            [render_prompt(student.tokenizer, e.prompt) for e in train_ex],
+            teacher.prompts(train_ex, cfg.max_seq_length),
+            strict=True,
+        )
+    )
+    return onpolicy.OnPolicyBatches(
+        offline,
+        student,
+        teacher.lm,
+        prompts,
+        onpolicy.RolloutSettings.from_config(cfg, data.plan.n_vocab),
+        onpolicy.on_policy_objective(cfg, data.plan.student_vocab),
+        hooks,
+    )
