@@ -16,7 +16,7 @@ from helpers import SAMPLES, distill, engine_settings, kd_env, venv_bin
 from structlog.testing import capture_logs
 
 from jobs.config import resolve_config
-from jobs.errors import ConfigError
+from jobs.errors import ConfigError, JobInterrupted
 from kd_worker.daemon.runtime import Runtime
 from kd_worker.engine.batches import OfflineBatches
 from kd_worker.engine.cache import TargetCache
@@ -246,3 +246,25 @@ def test_select_best_with_patience_publishes_the_selected_step_and_stops_early(t
     }
     assert got.keys() == ckpt.keys() and all(np.array_equal(got[k], ckpt[k]) for k in got)
     assert metrics["after"]["step"] == best_step and out["after"]["kl"] == best_kl
+
+    # interrupted between the last two validations and resumed: patience counts the validations
+    # before the checkpoint too, so the resumed run ends where the uninterrupted one did
+    end, seen = len(metrics["train"]), {"step": 0}
+
+    def progress(p):
+        if p.phase == "train":
+            seen["step"] = p.step
+
+    with pytest.raises(JobInterrupted):
+        distill(
+            tmp_path / "resumed",
+            models_root,
+            overrides=overrides,
+            progress=progress,
+            should_stop=lambda: "shutdown" if seen["step"] >= end - 2 else None,
+        )
+    again = distill(tmp_path / "resumed", models_root, overrides=overrides)
+    got2, metrics2 = published(again["adapter_path"])
+    assert metrics2["timing"]["resumed_from"] == end - 2
+    assert metrics2["train"] == metrics["train"] and metrics2["selected"] == metrics["selected"]
+    assert all(np.array_equal(got2[k], got[k]) for k in got)
