@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import SAMPLES, distill, engine_settings, kd_env, venv_bin
+from helpers import SAMPLES, connect, distill, engine_settings, kd_client, kd_env, venv_bin, wait_status
 from structlog.testing import capture_logs
 
 from jobs.config import resolve_config
@@ -268,3 +268,20 @@ def test_select_best_with_patience_publishes_the_selected_step_and_stops_early(t
     assert metrics2["timing"]["resumed_from"] == end - 2
     assert metrics2["train"] == metrics["train"] and metrics2["selected"] == metrics["selected"]
     assert all(np.array_equal(got2[k], got[k]) for k in got)
+
+
+def test_kd_client_submit_on_policy_with_select_best_publishes_the_selected_step(env, worker):
+    worker()
+    sets = {"on_policy": 1.0, "iterations": 20, "select": "best", "patience": 2, "val_every": 5}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    out = kd_client(env, "submit", "--domain", "memory", "--prompts", str(PROMPTS), *args)
+    assert out.returncode == 0, out.stderr
+    st = wait_status(connect(env), out.stdout.split()[0], {"finished"}, timeout=600)
+    assert st["outcome"]["published"]
+    _, metrics = published(st["outcome"]["adapter_path"])
+    kls = [(r["step"], r["kl"]) for r in metrics["val"] if r["step"] > 0]
+    step, kl = min(kls, key=lambda x: x[1])
+    assert metrics["selected"] == {"step": step, "by": "val_kl", "val_kl": kl}
+    assert metrics["after"]["step"] == step and st["outcome"]["after"]["kl"] == kl
+    assert all(r["rollout_share"] == 1.0 and "onpolicy_kl" in r for r in metrics["train"])
+    assert metrics["on_policy"]["kl_last"] < metrics["on_policy"]["kl_first"]
