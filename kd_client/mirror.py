@@ -36,7 +36,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis import Redis, RedisError
 from redis.client import PubSub
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from jobs import jsonsafe, publisher
 from jobs.errors import KDError, PublishError, SecurityError, StateError, TransferError
@@ -369,9 +369,8 @@ def push(conn: Redis, version: publisher.Version, keep: int, max_bytes: int) -> 
             if reply[0] != "missing":
                 break
     except ResponseError as e:
-        hint = (
-            "; Redis is full (maxmemory): lower KD_KEEP_VERSIONS or give Redis more memory" if "OOM" in str(e) else ""
-        )
+        full = isinstance(e, OutOfMemoryError)
+        hint = "; Redis is full (maxmemory): lower KD_KEEP_VERSIONS or give Redis more memory" if full else ""
         raise PublishError(f"pushing {domain} v{version.number}: Redis refused it: {e}{hint}") from e
     if reply[0] == "missing":
         raise PublishError(f"pushing {domain} v{version.number}: blobs kept vanishing from Redis ({reply[1:4]})")

@@ -364,3 +364,68 @@ def test_a_watcher_with_a_mirror_reports_each_version_from_redis(conn, hosts, sm
         assert [u.version for u in back] == [1]
     with pytest.raises(ValueError, match="not into the watched"):
         AdapterWatcher(a / "other", mirror=mirror.Mirror(conn, a))
+
+
+def test_a_push_that_dies_before_its_commit_leaves_nothing_visible_or_kept(conn, hosts, small_chunks):
+    b, a = hosts
+    publish_on_b(conn, b, 1)
+    v2 = publisher.publish(b, "memory", writer(2), {}, first_number=mirror.reserve_number(conn, "memory", 2))
+    sources = {
+        c: src
+        for rel, m in publisher.verify(v2.path)["files"].items()
+        for c, src in mirror._chunk(v2.path, rel, m["sha256"], m["size"])
+    }
+    manifest = (v2.path / publisher.MANIFEST).read_bytes()
+    mirror._upload_missing(conn, v2.path, sources, manifest, hashlib.sha256(manifest).hexdigest())  # then the kill
+    assert mirror.read_pointer(conn, "memory").version == 1 and mirror.read_record(conn, "memory", 2) is None
+    fresh = [s for s in sources if conn.ttl(pub_blob_key(s)) > 0]
+    assert fresh and all(0 < conn.ttl(pub_blob_key(s)) <= mirror.PENDING_TTL_S for s in fresh)  # they expire
+    assert mirror.sync_domain(conn, a, "memory").version == 1
+    mirror.push(conn, v2, 5, 1 << 30)  # the retry: everything is kept now
+    assert all(conn.ttl(pub_blob_key(s)) == -1 for s in mirror.read_record(conn, "memory", 2).blobs)
+
+
+def test_a_consumer_following_waits_out_a_redis_restart(tmp_path, hosts, small_chunks):
+    from helpers import RedisServer
+
+    b, a = hosts
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        conn = server.client()
+        publish_on_b(conn, b, 1)
+        m = mirror.Mirror(redis.Redis.from_url(server.url, socket_timeout=2), a, ["memory"], poll_s=0.2)
+        stop = threading.Event()
+        thread = threading.Thread(target=m.follow, args=(stop, lambda results: None), daemon=True)
+        thread.start()
+        wait_for(lambda: publisher.resolve(a, "memory"), 15, what="v1 on A")
+        server.stop()
+        server.start()  # same port, empty (no persistence): B pushes its history again
+        conn = server.client()
+        publish_on_b(conn, b, 2)
+        wait_for(
+            lambda: getattr(publisher.resolve(a, "memory"), "number", 0) == 2, 30, what="v2 on A after the restart"
+        )
+        stop.set()
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        server.stop()
+
+
+def test_a_push_to_a_full_redis_fails_saying_so_and_changes_nothing(tmp_path, hosts, monkeypatch):
+    from helpers import RedisServer
+
+    b, _ = hosts
+    monkeypatch.setattr(mirror, "CHUNK_BYTES", 1 << 20)
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        conn = server.client()
+        conn.config_set("maxmemory", 4 << 20)  # noeviction (the shipped policy): writes are refused when full
+        big = publisher.publish(
+            b, "memory", lambda s: (s / "adapters.safetensors").write_bytes(os.urandom(8 << 20)), {}
+        )
+        with pytest.raises(PublishError, match="Redis is full"):
+            mirror.push(conn, big, 5, 1 << 30)
+        assert mirror.read_pointer(conn, "memory") is None and mirror.read_record(conn, "memory", 1) is None
+    finally:
+        server.stop()

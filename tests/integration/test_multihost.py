@@ -239,3 +239,27 @@ def test_two_workers_racing_on_two_hosts_publish_in_submission_order(host, worke
         assert publisher.verify(root / "memory" / "versions" / "0002")["summary"]["job_id"] == second
     assert publisher.verify(a.version(1))["summary"]["job_id"] == first
     assert sync.stop() == 0
+
+
+def test_a_retry_pushes_a_version_that_went_live_just_before_redis_was_lost(tmp_path, models_root, redis_url):
+    """The worker's push fails (Redis lost) after its local publish: the job fails, the version is current
+    on the worker only. The retry of the run finds its version (never published twice) and pushes it."""
+    from helpers import FAST, distill, engine_settings
+
+    from kd_worker.daemon.remote import RedisPublishing
+
+    class Lost(RedisPublishing):
+        def push(self, version: publisher.Version) -> None:
+            raise redis.ConnectionError("Connection reset by peer")
+
+    conn = redis.Redis.from_url(redis_url)
+    settings = engine_settings(tmp_path, publish_to="both")
+    run = {"settings": settings, "reuse_outcome": True, "overrides": {**FAST, "iterations": 4}}
+    with pytest.raises(redis.ConnectionError):
+        distill(tmp_path, models_root, remote=Lost(conn, settings), **run)
+    assert publisher.resolve(settings.adapters_dir, "memory").number == 1
+    assert mirror.read_pointer(conn, "memory") is None
+    out = distill(tmp_path, models_root, remote=RedisPublishing(conn, settings), **run)
+    assert out["version"] == 1 and [v.number for v in publisher.versions(settings.adapters_dir, "memory")] == [1]
+    assert mirror.read_pointer(conn, "memory").version == 1
+    assert mirror.sync_domain(conn, tmp_path / "consumer", "memory").action == "installed"
