@@ -412,7 +412,7 @@ def test_install_makes_a_version_from_elsewhere_current_with_its_number_and_byte
     assert low.number == 2 and publisher.resolve(dst, "memory").number == 2
 
 
-@pytest.mark.parametrize("problem", ["damaged", "taken", "other_version", "other_domain", "not_json"])
+@pytest.mark.parametrize("problem", ["damaged", "taken", "taken_empty", "other_version", "other_domain", "not_json"])
 def test_install_refuses_and_keeps_the_previous_version(tmp_path, problem):
     src, dst = tmp_path / "b", tmp_path / "a"
     v = publisher.publish(src, "memory", writer(3), {}, first_number=2)
@@ -424,6 +424,9 @@ def test_install_refuses_and_keeps_the_previous_version(tmp_path, problem):
         write = _copier(v.path, damage="adapters.safetensors")
     elif problem == "taken":
         number, manifest = 1, manifest.replace(b'"version": 2', b'"version": 1')
+    elif problem == "taken_empty":  # an empty folder of that number: a rename would silently replace it
+        (dst / "memory" / "versions" / "0002").mkdir()
+        before = visible(dst)
     elif problem == "other_version":
         number = 3
     elif problem == "other_domain":
@@ -433,4 +436,4 @@ def test_install_refuses_and_keeps_the_previous_version(tmp_path, problem):
     with pytest.raises(PublishError):
         publisher.install(dst, "memory", number, write, manifest)
     assert publisher.resolve(dst, "memory").number == 1 and visible(dst) == before
-    assert [x.number for x in publisher.versions(dst, "memory")] == [1]
+    assert [x.number for x in publisher.versions(dst, "memory")] == [1] + ([2] if problem == "taken_empty" else [])
