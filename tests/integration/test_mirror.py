@@ -207,6 +207,10 @@ def corrupt(conn, kind: str) -> None:
         doc = json.loads(conn.hget(pub_versions_key("memory"), pointer.version))
         doc["files"]["extra.bin"] = doc["files"]["kd_metrics.json"]
         conn.hset(pub_versions_key("memory"), pointer.version, json.dumps(doc))
+    elif kind == "chunks":  # a chunk list one short: the file would be truncated
+        doc = json.loads(conn.hget(pub_versions_key("memory"), pointer.version))
+        doc["files"]["adapters.safetensors"].pop()
+        conn.hset(pub_versions_key("memory"), pointer.version, json.dumps(doc))
     elif kind == "pointer":
         conn.set(pub_current_key("memory"), b'{"version": "2", "manifest_sha256": "x"}')
 
@@ -220,6 +224,7 @@ def corrupt(conn, kind: str) -> None:
         ("oversized", TransferError),
         ("manifest", TransferError),
         ("record", TransferError),
+        ("chunks", TransferError),
         ("pointer", StateError),
     ],
 )

@@ -263,3 +263,44 @@ def test_a_retry_pushes_a_version_that_went_live_just_before_redis_was_lost(tmp_
     assert out["version"] == 1 and [v.number for v in publisher.versions(settings.adapters_dir, "memory")] == [1]
     assert mirror.read_pointer(conn, "memory").version == 1
     assert mirror.sync_domain(conn, tmp_path / "consumer", "memory").action == "installed"
+
+
+def test_serve_with_redis_as_its_source_serves_what_another_host_publishes(models_root, tmp_path, redis_url):
+    """`KD_ADAPTERS_SOURCE=redis kd-client serve` on a host with an empty directory: the version pushed
+    before it started is served from the first request, later ones and a rollback as they come."""
+    from helpers import ServeProcess, kd_env, preload_blas
+    from lora_fixtures import lora_shapes, write_adapter
+
+    student, conn, b = models_root / "student", redis.Redis.from_url(redis_url), tmp_path / "b"
+    shapes = lora_shapes(student)
+
+    def publish_on_b(tag: int) -> publisher.Version:
+        first = mirror.reserve_number(conn, "memory", 1)
+        v = publisher.publish(b, "memory", lambda s: write_adapter(s, shapes, tag), {"tag": tag}, first_number=first)
+        mirror.push(conn, v, 5, 1 << 30)
+        return v
+
+    def answer(server: ServeProcess) -> tuple[str, str]:
+        body = {"model": "memory", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 12}
+        status, headers, out = server.request("POST", "/v1/chat/completions", body)
+        assert status == 200, out
+        return headers["x-kd-adapter"], out["choices"][0]["message"]["content"]
+
+    def expected(version: publisher.Version) -> str:
+        model, tok = mlx_lm.load(str(student), adapter_path=str(version.path))[:2]
+        ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+        return mlx_lm.generate(model, tok, ids, max_tokens=12)
+
+    v1 = publish_on_b(1)
+    env = preload_blas(kd_env(KD_REDIS_URL=redis_url, KD_ADAPTERS_SOURCE="redis", KD_SERVE_WATCH_DEBOUNCE_MS="50"))
+    server = ServeProcess(env, tmp_path / "serve.log", student, tmp_path / "a" / "adapters_kd").start()
+    try:
+        assert answer(server) == ("memory/v1", expected(v1))
+        v2 = publish_on_b(2)
+        wait_for(lambda: server.health()["served"].get("memory") == 2, 60, what="memory v2 served")
+        assert answer(server) == ("memory/v2", expected(v2)) and expected(v2) != expected(v1)
+        mirror.move_pointer(conn, "memory")
+        wait_for(lambda: server.health()["served"].get("memory") == 1, 60, what="the rollback served")
+        assert answer(server) == ("memory/v1", expected(v1))
+    finally:
+        server.stop()
