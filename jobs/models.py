@@ -166,6 +166,44 @@ def health_key(worker_name: str) -> str:
     return f"kd:health:{worker_name}"
 
 
+# Published versions in Redis (KD_PUBLISH_TO=redis|both; kd_client/mirror.py owns the layout). Files are
+# content-addressed blobs, shared by versions and domains, counted in kd:pub:refs and deleted at zero.
+PUB_CHANNEL = "kd:pub:changed"  # PUBLISH <domain> after every pointer move: consumers wake up
+PUB_DOMAINS_KEY = "kd:pub:domains"  # set of domains with a pointer
+PUB_REFS_KEY = "kd:pub:refs"  # hash blob sha256 -> retained versions that reference it
+
+
+def pub_blob_key(sha256: str) -> str:
+    """A chunk of a file (at most 4 MiB) or a manifest, under its own sha256."""
+    return f"kd:pub:blob:{sha256}"
+
+
+def pub_current_key(domain: str) -> str:
+    """JSON {"version", "manifest_sha256"}: the domain's current version, moved atomically."""
+    return f"kd:pub:current:{domain}"
+
+
+def pub_versions_key(domain: str) -> str:
+    """Hash version -> JSON record (manifest sha256, each file's chunks) of the retained versions."""
+    return f"kd:pub:versions:{domain}"
+
+
+def pub_seq_key(domain: str) -> str:
+    """Highest version number reserved for the domain: one numbering for every worker."""
+    return f"kd:pub:seq:{domain}"
+
+
+def pub_key_types(domain: str) -> dict[str, str]:
+    """The Redis type of each published-versions key of a domain (and the shared ones)."""
+    return {
+        pub_current_key(domain): "string",
+        pub_versions_key(domain): "hash",
+        pub_seq_key(domain): "string",
+        PUB_DOMAINS_KEY: "set",
+        PUB_REFS_KEY: "hash",
+    }
+
+
 def domain_key_types(domain: str) -> dict[str, str]:
     """The Redis type (as TYPE reports it) of each key kd-daemon keeps for a domain ("none": absent)."""
     return {seq_key(domain): "string", active_key(domain): "zset", published_key(domain): "string"}

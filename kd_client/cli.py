@@ -1,5 +1,6 @@
 """`kd-client`: submit distillation jobs and follow them. Talks to Redis only (and reads the
-local adapters directory for `summary`, `rollback`, `follow`); never imports the worker."""
+local adapters directory for `summary`, `rollback`, `follow`, `serve`; `sync` writes it from
+Redis); never imports the worker."""
 
 from __future__ import annotations
 
@@ -227,10 +228,57 @@ def cmd_summary(args, settings) -> int:
 
 
 def cmd_rollback(args, settings) -> int:
+    """Local versions (KD_PUBLISH_TO=local), or the pointer in Redis that every consumer follows (redis,
+    both, or a consumer with KD_ADAPTERS_SOURCE=redis), then this machine's directory from it."""
     from jobs.publisher import rollback
 
-    v = rollback(settings.adapters_dir, args.domain, args.to)
-    print(f"{args.domain}: current is now v{v.number} ({v.path})")
+    if settings.publish_to == "local" and settings.adapters_source == "local":
+        v = rollback(settings.adapters_dir, args.domain, args.to)
+        print(f"{args.domain}: current is now v{v.number} ({v.path})")
+        return EXIT_OK
+    from kd_client import mirror
+    from kd_client.queue import connect
+
+    conn = connect(settings)
+    was, now = mirror.move_pointer(conn, args.domain, args.to)
+    print(f"{args.domain}: current in Redis is now v{now} (was v{was}); every consumer follows")
+    if settings.publish_to != "redis":  # this machine's adapters_dir follows at once
+        result = mirror.sync_domain(
+            conn, settings.adapters_dir, args.domain, settings.keep_versions, settings.max_adapter_bytes
+        )
+        print(mirror.describe(result))
+    return EXIT_OK
+
+
+def cmd_sync(args, settings) -> int:
+    """Mirror the versions published in Redis into a local adapters directory (once, or --follow)."""
+    import signal
+    import threading
+
+    from kd_client import mirror
+
+    root = Path(args.adapters) if args.adapters else settings.adapters_dir
+    m = mirror.Mirror.from_settings(settings, root, args.domains)
+    if not args.follow:
+        results = m.sync_once()
+        for r in results:
+            print(mirror.describe(r))
+        if not results:
+            print("nothing is published in Redis")
+        return EXIT_FAILED if any(r.action == "failed" for r in results) else EXIT_OK
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    shown: dict[str, tuple[bool, int | None, str | None]] = {}
+
+    def report(results: list[mirror.SyncResult]) -> None:
+        for r in results:
+            key = (r.action == "failed", r.version, r.error)  # each change once, not once per pass
+            if shown.get(r.domain) != key:
+                shown[r.domain] = key
+                print(mirror.describe(r), flush=True)
+
+    m.follow(stop, report)
     return EXIT_OK
 
 
@@ -248,7 +296,9 @@ def cmd_flush(args, settings) -> int:
 def cmd_follow(args, settings) -> int:
     """Reference cortex consumer: hold a model, hot-swap each published adapter, answer a prompt."""
     from kd_client.follow import describe, follow
+    from kd_client.mirror import Mirror
 
+    from_redis = settings.adapters_source == "redis"
     try:
         follow(
             settings.adapters_dir,
@@ -259,6 +309,7 @@ def cmd_follow(args, settings) -> int:
             force_polling=args.poll or None,
             max_swaps=args.max_swaps,
             on_event=lambda e: print(describe(e), flush=True),
+            mirror=Mirror.from_settings(settings, settings.adapters_dir, [args.domain]) if from_redis else None,
         )
     except KeyboardInterrupt:
         pass
@@ -346,10 +397,30 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--json", action="store_true")
     sm.set_defaults(func=cmd_summary)
 
-    rb = sub.add_parser("rollback", help="point a domain back at an earlier published version")
+    rb = sub.add_parser(
+        "rollback",
+        help="point a domain back at an earlier published version",
+        description="Moves adapters_dir's `current` (KD_PUBLISH_TO=local), or the domain's pointer in Redis that "
+        "every `kd-client sync` follows (KD_PUBLISH_TO=redis|both, or KD_ADAPTERS_SOURCE=redis), then this "
+        "machine's adapters_dir from it (not with KD_PUBLISH_TO=redis).",
+    )
     rb.add_argument("--domain", required=True)
     rb.add_argument("--to", type=int, help="version number (default: the one before the current)")
     rb.set_defaults(func=cmd_rollback)
+
+    sy = sub.add_parser(
+        "sync",
+        help="mirror the adapter versions published in Redis into a local adapters directory",
+        description="Installs each domain's current version from Redis (workers with KD_PUBLISH_TO=redis|both push "
+        "them) into the publisher's layout: staged, every file checked against the manifest the pointer names, "
+        "renamed into versions/NNNN with the source's number, then `current` swapped. A version held already is "
+        "pointed to (a rollback). A corrupt or partial transfer is never installed. --follow wakes on each "
+        "publish (Redis pub/sub) and re-reads the pointers every KD_SYNC_POLL_S seconds.",
+    )
+    sy.add_argument("--adapters", help="the local adapters directory (default: KD_ADAPTERS_DIR, adapters_kd)")
+    sy.add_argument("--domains", nargs="+", metavar="DOMAIN", help="only these domains (default: every published one)")
+    sy.add_argument("--follow", action="store_true", help="keep mirroring until SIGINT/SIGTERM")
+    sy.set_defaults(func=cmd_sync)
 
     fl = sub.add_parser(
         "flush", help="enqueue accumulated corrections now and deliver submissions spooled while Redis was unreachable"

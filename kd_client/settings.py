@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 
@@ -14,7 +15,10 @@ def _default_spool() -> Path:
 
 
 class ClientSettings(QueueSettings):
-    adapters_dir: Path = Path("adapters_kd")  # where `summary`, `rollback` and `follow` look
+    adapters_dir: Path = Path("adapters_kd")  # where `summary`, `rollback`, `follow`, `serve` and `sync` look
+    # redis: `serve` and `follow` mirror the versions published in Redis into adapters_dir first (kd_client/mirror.py)
+    adapters_source: Literal["local", "redis"] = "local"
+    sync_poll_s: float = Field(default=2.0, gt=0)  # a mirror re-reads the pointers this often besides pub/sub wake-ups
     spool_dir: Path = Field(default_factory=_default_spool)  # durable outbox when Redis is away
     connect_timeout: float = 1.0  # a producer never blocks long on a missing Redis
     socket_timeout: float = 5.0

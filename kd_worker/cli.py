@@ -75,8 +75,10 @@ def cmd_distill(args: argparse.Namespace, settings: WorkerSettings, blas) -> int
     from kd_worker.engine.types import DistillRequest
     from kd_worker.ops.console import ConsoleProgress
 
-    if args.out:
-        settings = settings.model_copy(update={"adapters_dir": Path(args.out)})
+    # one job in this process: it publishes into KD_ADAPTERS_DIR (or --out), never to Redis (`kd-worker run` does)
+    settings = settings.model_copy(
+        update={"publish_to": "local", **({"adapters_dir": Path(args.out)} if args.out else {})}
+    )
     overrides = parse_overrides(args.set or [])
     cfg = resolve_config(settings.kd_defaults, overrides)  # fails fast on a bad --set, before any model loads
     kinds: list[tuple[DataKind, list[str]]] = [("prompts", args.prompts or []), ("corrections", args.corrections or [])]

@@ -218,6 +218,7 @@ def distill(
     progress: Callable | None = None,
     should_stop: Callable | None = None,
     publish_guard: Callable = contextlib.nullcontext,
+    remote: Any = None,
 ) -> dict[str, Any]:
     """One `run_job` (what `kd-worker distill` and the queue run) on the tiny models; `data` defaults
     to the domain's bundled sample prompts, `settings` to work/ and adapters_kd/ under `tmp`,
@@ -249,7 +250,7 @@ def distill(
         force_publish=force_publish,
     )
     cfg = resolve_config(s.kd_defaults, overrides or {})
-    return run_job(req, cfg, runtime or Runtime(s), s, TestHooks(), publish_guard, reuse_outcome)
+    return run_job(req, cfg, runtime or Runtime(s), s, TestHooks(), publish_guard, reuse_outcome, remote)
 
 
 class WorkerProcess:
