@@ -13,11 +13,10 @@ from typing import Any
 
 from jobs.config import parse_overrides
 from jobs.errors import KDError
-from jobs.models import DOMAINS, PRIORITIES
+from jobs.models import DOMAINS, PRIORITIES, check_job_id
 from jobs.records import DataKind, read_records
 
 EXIT_OK, EXIT_FAILED, EXIT_NOT_PUBLISHED, EXIT_STOPPED, EXIT_SPOOLED, EXIT_CONFIG = 0, 1, 3, 4, 75, 78
-FINAL = {"finished", "failed", "stopped", "canceled"}
 
 
 def exit_code(row: dict[str, Any]) -> int:
@@ -150,19 +149,26 @@ def watch(settings, job_id: str, quiet: bool = False, poll_s: float = 0.5) -> in
         disable=quiet,
     )
     tasks: dict[str, Any] = {}
+    said: list[str] = []
     with bar:
         while True:
             job = Q.fetch(conn, job_id)
             if job is None:
                 raise KDError(f"no job {job_id!r}")
             row = Q.describe(job)
+            if not quiet and job.get_status(refresh=False) in Q.WAITING:
+                lines = Q.waiting_lines(Q.waiting(conn, settings, job))
+                if lines != said:  # said again only when the place or the workers change
+                    for line in lines:
+                        bar.console.print(line, markup=False, highlight=False)
+                    said = lines
             p = row.get("progress") or {}
             if p.get("phase"):
                 if p["phase"] not in tasks:
                     tasks[p["phase"]] = bar.add_task(p["phase"], total=max(p.get("total") or 1, 1), info="")
                 info = " ".join(f"{k}={v:.3f}" for k, v in (p.get("metrics") or {}).items())
                 bar.update(tasks[p["phase"]], completed=p.get("step", 0), info=info)
-            if row["status"] in FINAL:
+            if row["status"] in Q.FINAL:
                 break
             time.sleep(poll_s)  # polling interval of a progress display
     if not quiet:
@@ -218,7 +224,23 @@ def cmd_summary(args, settings) -> int:
             f"{domain:12s} v{e.get('version')}  kl={after.get('kl', float('nan')):.4f}  "
             f"published {e.get('published_at')}  gate: {(e.get('gate') or {}).get('reason')}"
         )
+        if args.samples:
+            print_samples(settings.adapters_dir, domain)
     return EXIT_OK
+
+
+def print_samples(root: Path, domain: str) -> None:
+    """The current version's held-out samples (kd_metrics.json): prompt, teacher, before, after."""
+    from kd_client.dashboard.data import current_samples
+
+    samples, problem = current_samples(root, domain)
+    if problem:
+        print(f"  ({problem})")
+    for i, sample in enumerate(samples, start=1):
+        print(f"  sample {i}")
+        for key in ("prompt", "teacher", "before", "after"):
+            text = sample.get(key, "").replace("\n", "\n" + " " * 14)
+            print(f"    {key + ':':9s} {text}")
 
 
 def cmd_rollback(args, settings) -> int:
@@ -267,6 +289,32 @@ def _first_prompt(domain: str) -> str:
     return _records(str(path), "prompts")[0]["prompt"]
 
 
+def job_id_arg(value: str) -> str:
+    try:
+        return check_job_id(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def cmd_dashboard(args, settings) -> int:
+    """Serve the web dashboard (kd_client.dashboard) until interrupted."""
+    import uvicorn
+
+    from kd_client.dashboard.app import create_app
+    from kd_client.dashboard.security import is_loopback
+
+    token = "set" if settings.dashboard_token else "disabled: set KD_DASHBOARD_TOKEN to enable them"
+    if not is_loopback(args.host):
+        print(f"kd-client dashboard: WARNING: {args.host} is not loopback; the pages are visible to the network")
+    print(f"kd-client dashboard: http://{_url_host(args.host)}:{args.port}/  (rollback/cancel: {token})", flush=True)
+    uvicorn.run(create_app(settings, bind_host=args.host), host=args.host, port=args.port, log_level="warning")
+    return EXIT_OK
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kd-client", description="Submit kd-daemon distillation jobs and follow them.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -296,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("cancel", cmd_cancel, "cancel a queued job, or stop a running one at its next step"),
     ):
         c = sub.add_parser(name, help=helptext)
-        c.add_argument("job", help="job id (printed by submit)")
+        c.add_argument("job", type=job_id_arg, help="job id (printed by submit)")
         if name == "status":
             c.add_argument("--json", action="store_true")
         c.set_defaults(func=fn)
@@ -316,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sm = sub.add_parser("summary", help="the published adapters (adapters_kd/kd_summary.json)")
     sm.add_argument("--json", action="store_true")
+    sm.add_argument(
+        "--samples",
+        action="store_true",
+        help="also print each current version's held-out samples: prompt, teacher, student before and after",
+    )
     sm.set_defaults(func=cmd_summary)
 
     rb = sub.add_parser("rollback", help="point a domain back at an earlier published version")
@@ -337,6 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     fo.add_argument("--poll", action="store_true", help="force polling (network filesystems)")
     fo.add_argument("--max-swaps", type=int, help="exit after this many swaps")
     fo.set_defaults(func=cmd_follow)
+
+    db = sub.add_parser(
+        "dashboard",
+        help="web dashboard: domains, versions, loss curves, samples, queue, workers; rollback and cancel",
+    )
+    db.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    db.add_argument("--port", type=int, default=8741)
+    db.set_defaults(func=cmd_dashboard)
     return p
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 
 from jobs.settings import QueueSettings
 
@@ -21,3 +21,18 @@ class ClientSettings(QueueSettings):
     accumulate_threshold: int = Field(default=50, ge=1)  # corrections per automatic job
     accumulate_max_age_s: float = Field(default=3600.0, gt=0)  # ... or this old, whichever first
     retry_backoff_s: float = 30.0  # after a failed delivery, spool without trying Redis for this long
+    # `kd-client dashboard`: rollback and cancel need this token (typed into the form); unset, they are disabled
+    dashboard_token: SecretStr | None = None
+
+    @field_validator("dashboard_token", mode="before")
+    @classmethod
+    def _dashboard_token(cls, v: object) -> object:
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None  # set but empty: the actions stay disabled
+        raw = v.get_secret_value() if isinstance(v, SecretStr) else str(v)
+        if len(raw) < 12:
+            raise ValueError(
+                "KD_DASHBOARD_TOKEN is shorter than 12 characters; use a random one, e.g. "
+                "python3 -c 'import secrets; print(secrets.token_urlsafe(24))'"
+            )
+        return v

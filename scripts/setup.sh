@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up for a fresh machine: system packages, virtualenv, the package.
 #   Linux (Debian/Ubuntu): redis-server and OpenBLAS via apt-get (no PyPI package ships an
-#   unprefixed cblas for MLX, nor a Redis server); macOS: redis via Homebrew.
+#   unprefixed cblas for MLX, nor a Redis server), and chromium + chromium-driver for the
+#   dashboard's browser test (Debian's own browser: nothing downloads one); macOS: redis via Homebrew.
 # Re-running is cheap: pip is skipped while pyproject.toml is unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ case "$(uname -s)" in
   Linux)
     if command -v apt-get >/dev/null 2>&1; then
       missing=()
-      for pkg in redis-server libopenblas0-pthread; do
+      for pkg in redis-server libopenblas0-pthread chromium chromium-driver; do
         dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
       done
       "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
@@ -31,6 +32,7 @@ case "$(uname -s)" in
       fi
     else
       command -v redis-server >/dev/null 2>&1 || say "WARNING: install redis-server with your package manager"
+      say "NOTE: install chromium and its chromedriver for the dashboard's browser test (it is skipped without them)"
       say "NOTE: install OpenBLAS (libopenblas) for fast CPU matmuls; see README 'Linux notes'"
     fi
     ;;
@@ -39,6 +41,7 @@ case "$(uname -s)" in
       if command -v brew >/dev/null 2>&1; then say "brew install redis"; brew install redis;
       else say "WARNING: install Homebrew (https://brew.sh) and run 'brew install redis'"; fi
     fi
+    say "NOTE: the dashboard's browser test needs Debian's chromium + chromium-driver; on macOS it is skipped"
     ;;
 esac
 
