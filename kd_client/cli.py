@@ -160,7 +160,7 @@ def watch(settings, job_id: str, quiet: bool = False, poll_s: float = 0.5) -> in
                 lines = Q.waiting_lines(Q.waiting(conn, settings, job))
                 if lines != said:  # said again only when the place or the workers change
                     for line in lines:
-                        bar.console.print(line, markup=False, highlight=False)
+                        bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
                     said = lines
             p = row.get("progress") or {}
             if p.get("phase"):

@@ -48,7 +48,7 @@ SECURITY_HEADERS = {
     ),
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
-    "referrer-policy": "no-referrer",
+    "referrer-policy": "same-origin",  # no-referrer would make form posts carry `Origin: null`
     "cache-control": "no-store",
 }
 STATIC = {"dashboard.css": "text/css; charset=utf-8", "job.js": "text/javascript; charset=utf-8"}
