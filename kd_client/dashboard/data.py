@@ -43,6 +43,7 @@ class VersionRow:
     """One kept version of a domain, from its manifest (no hashing: `verify` is for the selected one)."""
 
     number: int
+    path: Path
     current: bool
     published_at: str | None = None
     job_id: str | None = None
@@ -125,6 +126,7 @@ def version_row(v: publisher.Version, current: int | None) -> VersionRow:
         metrics = entry.get("metrics") or {}
         return VersionRow(
             number=v.number,
+            path=v.path,
             current=v.number == current,
             published_at=entry.get("published_at"),
             job_id=entry.get("job_id"),
@@ -135,7 +137,7 @@ def version_row(v: publisher.Version, current: int | None) -> VersionRow:
             examples=(entry.get("data") or {}).get("examples"),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return VersionRow(v.number, v.number == current, error=f"unreadable {publisher.MANIFEST}: {e}")
+        return VersionRow(v.number, v.path, v.number == current, error=f"unreadable {publisher.MANIFEST}: {e}")
 
 
 def version_rows(root: Path, domain: str) -> list[VersionRow]:
@@ -191,25 +193,23 @@ def read_metrics(version_dir: Path) -> dict[str, Any]:
     return doc
 
 
-def select_version(root: Path, domain: str, row: VersionRow) -> Selected:
+def select_version(row: VersionRow) -> Selected:
     """The version's manifest checked (sizes and sha256s) and its metrics read."""
-    path = publisher.domain_dir(root, domain) / "versions" / f"{row.number:04d}"
     try:
-        publisher.verify(path)
+        publisher.verify(row.path)
         verified, problem = True, None
     except KDError as e:
         verified, problem = False, str(e)
     try:
-        metrics = read_metrics(path)
+        metrics = read_metrics(row.path)
     except KDError as e:
         metrics, problem = {}, problem or str(e)
     return Selected(row, metrics, verified, problem)
 
 
-def version_samples(root: Path, domain: str, row: VersionRow) -> list[dict[str, str]]:
-    path = publisher.domain_dir(root, domain) / "versions" / f"{row.number:04d}"
+def version_samples(row: VersionRow) -> list[dict[str, str]]:
     try:
-        samples = read_metrics(path).get("samples") or []
+        samples = read_metrics(row.path).get("samples") or []
     except KDError:
         return []
     return [s for s in samples if isinstance(s, dict)]
@@ -232,8 +232,8 @@ def domain_page(root: Path, domain: str, selected: int | None = None) -> DomainP
     return DomainPage(
         domain,
         rows,
-        select_version(root, domain, chosen),
-        [(r, version_samples(root, domain, r)) for r in pair],
+        select_version(chosen),
+        [(r, version_samples(r)) for r in pair],
         entry,
     )
 
