@@ -334,13 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--student", help="student model directory name under the worker's KD_MODELS_ROOT")
     s.add_argument("--force", action="store_true", help="publish even if the publish gate finds a regression")
     s.add_argument("--submitter", default="kd-client")
-    s.add_argument("--wait", action="store_true", help="follow the job until it ends (exit code = outcome)")
+    s.add_argument(
+        "--wait", action="store_true", help="follow the job until it ends, as `watch` does (exit code = outcome)"
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_submit)
 
     for name, fn, helptext in (
         ("status", cmd_status, "one job's state, progress and outcome"),
-        ("watch", cmd_watch, "live progress bar until the job ends"),
+        ("watch", cmd_watch, "live progress until the job ends; while queued, its place and the workers serving it"),
         ("cancel", cmd_cancel, "cancel a queued job, or stop a running one at its next step"),
     ):
         c = sub.add_parser(name, help=helptext)
