@@ -155,14 +155,17 @@ def test_job_page_reports_waiting_lines_and_whether_it_can_be_canceled(conn, set
     assert data.job_page(conn, settings, "kd-memory-" + "f" * 20) is None
 
 
-def test_summary_samples_prints_each_current_versions_samples(root, monkeypatch, capsys):
-    from kd_client.cli import main
+def test_summary_samples_prints_each_current_versions_samples(root, capsys):
+    from argparse import Namespace
+
+    from kd_client.cli import cmd_summary  # not main(): it configures structlog onto the captured stderr
 
     publish_version(root, "memory", 0, samples=2)
     publish_version(root, "debug", 0, samples=0)
-    monkeypatch.setenv("KD_ADAPTERS_DIR", str(root))
-    assert main(["summary", "--samples"]) == 0
+    settings = ClientSettings(adapters_dir=root)
+    assert cmd_summary(Namespace(json=False, samples=True), settings) == 0
     out = capsys.readouterr().out
     assert out.count("sample ") == 2 and "prompt:   v0 prompt 1" in out and "after:    after 0" in out
     assert "v1 has no samples" in out  # debug: published without samples
-    assert main(["summary"]) == 0 and "sample " not in capsys.readouterr().out
+    assert cmd_summary(Namespace(json=False, samples=False), settings) == 0
+    assert "sample " not in capsys.readouterr().out
