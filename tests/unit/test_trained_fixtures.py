@@ -52,10 +52,14 @@ def test_demo_task_questions_answers_and_scores():
     assert len(held) == demotask.N_EVAL and not {it.prompt for it in held} & {it.prompt for it in train}
     items = held[:4]
     truth = [next(iter(it.answers)) for it in items]
+    teacher = truth[:3] + ["x"]  # the teacher is wrong once
     scores = {
-        "teacher": demotask.score(truth, truth, items),
-        "before": demotask.score(["x"] * 4, truth, items),
-        "after": demotask.score(truth[:3] + ["x"], truth, items),
+        "teacher": demotask.score(teacher, teacher, items),
+        "before": demotask.score(["x"] * 4, teacher, items),
+        "after": demotask.score(truth, teacher, items),
     }
-    assert (scores["before"].exact, scores["after"].exact, scores["after"].agree) == (0.0, 0.75, 0.75)
-    assert demotask.verdict(scores).startswith("student now agrees with the teacher on 75% of held-out answers, was 0%")
+    assert (scores["before"].exact, scores["before"].agree) == (0.0, 0.25)
+    assert (scores["after"].exact, scores["after"].agree, scores["teacher"].exact) == (1.0, 0.75, 0.75)
+    assert demotask.verdict(scores) == (
+        "student now agrees with the teacher on 75% of held-out answers, was 25%; exact match 0% -> 100% (teacher 75%)"
+    )
