@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from jobs import jsonsafe
 from jobs.errors import DataError
 
 MAX_RECORD_CHARS = 200_000  # one prompt of ~50k tokens; beyond that it is a mistake, not data
@@ -104,7 +105,9 @@ def iter_jsonl(lines: Iterable[bytes], kind: DataKind, name: str) -> Iterator[Re
         if not text.strip():
             continue
         try:
-            obj = json.loads(text)
+            obj = jsonsafe.loads(text)
+        except jsonsafe.TooDeep as e:
+            raise DataError(f"{where}: {e}; records are flat objects") from e
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
         yield parse_record(obj, kind, where)

@@ -28,7 +28,8 @@ from typing import Any
 import redis
 import structlog
 
-from jobs.errors import ConfigError, DataError, KDError
+from jobs import durable
+from jobs.errors import ConfigError, DataError, KDError, StateError
 from jobs.models import check_domain
 from jobs.publisher import locked, write_json_atomic
 from jobs.records import DataKind, Record, data_kind, dump_records, parse_record
@@ -107,7 +108,7 @@ class KDClient:
             with open(acc, "ab") as f:
                 f.write(dump_records(valid))
                 f.flush()
-                os.fsync(f.fileno())
+                durable.fsync(f.fileno())
             since = self.spool / "accum" / f"{domain}.since"
             if not since.exists():
                 since.write_text(str(time.time()))
@@ -134,6 +135,12 @@ class KDClient:
                 continue
             try:
                 sub = self._deliver_one(path, (built or {}).get(path.name))
+            except StateError as e:  # a Redis key kd-daemon did not write: kept until someone clears it
+                self._down_until = time.monotonic() + self.settings.retry_backoff_s
+                log.error("kd_redis_state_refused", error=str(e), spooled=str(path))
+                if built and path.name in built:  # the caller's own submission: say why it is not queued
+                    raise StateError(f"{e}; the submission stays in {path} (kd-client flush delivers it)") from e
+                break
             except redis.RedisError as e:  # refused, timed out, auth, not-a-Redis: keep it spooled
                 self._down_until = time.monotonic() + self.settings.retry_backoff_s
                 self._conn = self._given

@@ -28,7 +28,9 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.utils import as_text
 
+from jobs.errors import StateError
 from jobs.models import active_key, health_key, published_key
+from kd_worker.daemon.contract import ContractJob, JobRefused
 from kd_worker.engine.hooks import Hooks, check_stop
 
 log = structlog.get_logger(__name__)
@@ -37,10 +39,22 @@ SETTLED = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CA
 
 
 def _fetch(conn: Redis, job_id: str) -> Job | None:
+    """Another job of the domain, read through the job contract: one that kd-client could not have
+    written counts as gone (its worker refuses it), so it cannot hold up the domain."""
     try:
-        return Job.fetch(job_id, connection=conn, serializer="json")
+        return ContractJob.fetch(job_id, connection=conn, serializer="json")
     except NoSuchJobError:
         return None
+    except JobRefused as e:
+        log.warning("unreadable_job_ignored", job_id=job_id, error=str(e.error))
+        return None
+
+
+def newest_published(conn: Redis, domain: str) -> int:
+    raw = conn.get(published_key(domain)) or b"0"
+    if not raw.isdigit():
+        raise StateError(f"Redis key {published_key(domain)} holds {raw[:40]!r}, not a ticket; delete it")
+    return int(raw)
 
 
 def is_running(conn: Redis, job: Job) -> bool:
@@ -119,7 +133,7 @@ def in_order(
         time.sleep(poll_s)  # waiting on other workers' jobs: a poll interval, not a guessed duration
     lock = acquire_publish_lock(conn, domain, job_id, hooks, poll_s, lock_timeout_s)
     try:
-        newest = int(conn.get(published_key(domain)) or 0)
+        newest = newest_published(conn, domain)
         if newest > ticket:
             yield f"superseded: a newer submission (ticket {newest}) of {domain} is already published"
         else:

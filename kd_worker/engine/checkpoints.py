@@ -13,6 +13,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from jobs.durable import fsync_tree
+
 
 def save_adapter_file(path: Path, arrays: dict[str, mx.array]) -> None:
     """mx.save_safetensors, with a failed write (full disk, file-size limit) raised as the OSError
@@ -51,6 +53,7 @@ class DirCheckpointStore:
         stage.mkdir(parents=True)
         save_adapter_file(stage / "state.safetensors", arrays)
         (stage / "state.json").write_text(json.dumps(state))
+        fsync_tree(stage)  # on disk before the name points at it (F_FULLFSYNC on darwin)
         shutil.rmtree(final, ignore_errors=True)
         stage.rename(final)
 

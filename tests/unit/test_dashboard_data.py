@@ -72,7 +72,7 @@ def test_a_corrupt_summary_is_reported_and_domains_are_read_from_their_directori
     publish_version(root, "memory", 0)
     (root / publisher.SUMMARY).write_text("{not json")
     view = data.overview(root, conn, settings)
-    assert "not valid JSON" in (view.disk_error or "")
+    assert "kd_summary.json" in (view.disk_error or "") and "JSON" in (view.disk_error or "")
     assert [d.domain for d in view.domains] == ["memory"] and view.domains[0].current.number == 1
 
 
