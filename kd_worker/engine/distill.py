@@ -25,6 +25,7 @@ from kd_worker.engine.data import Example, StudentSequence, render_prompt, split
 from kd_worker.engine.hooks import Hooks
 from kd_worker.engine.models import LoadedModel
 from kd_worker.engine.objective import Objective
+from kd_worker.engine.samples import Probe
 from kd_worker.engine.teacher import Teacher
 from kd_worker.engine.trainer import TrainSchedule, adapter_weights, attach_lora, train
 from kd_worker.engine.types import Candidate, DistillRequest, Prepared, Scored
@@ -93,11 +94,14 @@ def distill(
     owns removing them. A run whose `checkpoints` directory holds a checkpoint resumes from it."""
     train_ex, val_ex = split_examples(examples, cfg.val_fraction, cfg.seed)
     data = prepare(teacher, student, train_ex, val_ex, cfg, hooks)
+    probe = Probe.choose(val_ex, data.val, cfg.samples)  # readable held-out answers, before and after
+    before = probe.greedy(student, cfg, hooks)
     attach_lora(student.model, cfg)
     require_trainable(student, cfg)
     store = DirCheckpointStore(checkpoints)
     objective = Objective.from_config(cfg, data.plan.student_vocab)
     batches = OfflineBatches(data.train, cfg.batch_size, cfg.seed)
     result = train(student, batches, objective, store, hooks, TrainSchedule.from_config(cfg), data.val)
+    samples = probe.documents(student, before, probe.greedy(student, cfg, hooks))
     identity = outputs.identity_doc(teacher.lm, student, cfg, data.plan)
-    return Candidate(request, cfg, teacher.lm, student, data, result, store, len(examples), identity)
+    return Candidate(request, cfg, teacher.lm, student, data, result, store, len(examples), identity, samples)

@@ -72,6 +72,7 @@ def metrics_doc(c: Candidate, gate: dict[str, Any]) -> dict[str, Any]:
             "bytes_per_token": sum(t.nbytes for t in data.targets) / max(n_target_tokens, 1),
         },
         "vocabulary": {"mode": data.plan.mode, "notes": list(data.plan.notes)},
+        "samples": c.samples,
         **({"xtok": xtok.coverage_report(seqs)} if data.plan.mode == "cross" else {}),
     }
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ class Candidate:
     checkpoints: DirCheckpointStore
     n_examples: int
     identity: dict[str, Any]  # teacher, student, vocabulary and adapter shape (outputs.identity_doc)
+    samples: list[dict[str, str]] = field(default_factory=list)  # engine.samples: held-out answers before/after
 
     @property
     def after(self) -> dict[str, float]:
