@@ -5,7 +5,7 @@
     .venv/bin/python -m bench.quality --rows sweep,xtok --seeds 0,1,2,3,4
     .venv/bin/python -m bench.quality --rows onpolicy,select --name quality_onpolicy   # issue 16
 
-Task (bench/quality_task.py): questions about short digit lists, some with one correct answer
+Task (kd_worker/fixtures/digits.py): questions about short digit lists, some with one correct answer
 (max/min), some with a *set* of correct answers (even/odd/above k/below k) over which the
 teacher spreads its probability. Models (bench/quality_models.py): a teacher trained from
 scratch to be competent, a smaller student pretrained on the format only; built once,
@@ -25,7 +25,7 @@ response cache key holds the generation settings and the seed), the iterations, 
 learning rate and LoRA shape; only the loss settings differ. Results are cached per run under
 --work/runs (key: models, data, settings, seed); --fresh ignores them.
 
-On-policy rows (group `onpolicy`, issue 16) run on the *sort* task (quality_task.SEQ_OPS: 7-11
+On-policy rows (group `onpolicy`, issue 16) run on the *sort* task (fixtures.digits.SEQ_OPS: 7-11
 token answers, one early wrong token derails the rest) and add `self_kl`, the KL on the student's
 own greedy samples. Group `select` trains true KD with validations every 50 steps and select=best,
 and scores both the published (best) adapter and the last step's checkpoint.
@@ -49,8 +49,8 @@ import numpy as np
 
 from bench import quality_eval as qe
 from bench import quality_models as qm
-from bench import quality_task as task
 from bench.common import report  # first: loads OpenBLAS before mlx
+from kd_worker.fixtures import digits as task
 from kd_worker.fixtures.demo import child_env, venv_bin
 
 EVAL_VERSION = 1

@@ -24,6 +24,7 @@ FULL = [
     ["bench.resident", "--shape", "medium"],
     ["bench.hotswap"],
     ["bench.serve"],
+    ["bench.sync"],
 ]
 QUICK = {
     "bench.step": ["--vocab", "2048", "32000"],
@@ -31,6 +32,7 @@ QUICK = {
     "bench.scaling": ["--sizes", "12", "24", "48"],
     "bench.queue": ["--jobs", "4"],
     "bench.serve": ["--shapes", "tiny"],
+    "bench.sync": ["--shapes", "tiny"],
 }
 
 

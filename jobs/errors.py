@@ -42,6 +42,11 @@ class PublishError(KDError):
     """Writing a new adapter version failed; the previous version stays current."""
 
 
+class TransferError(PublishError):
+    """A version in Redis is missing, oversized, truncated or does not match its digests; nothing of
+    it was installed."""
+
+
 class SecurityError(KDError):
     """A payload tried to reach outside what the worker allows (paths, functions)."""
 

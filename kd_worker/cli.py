@@ -75,8 +75,10 @@ def cmd_distill(args: argparse.Namespace, settings: WorkerSettings, blas) -> int
     from kd_worker.engine.types import DistillRequest
     from kd_worker.ops.console import ConsoleProgress
 
-    if args.out:
-        settings = settings.model_copy(update={"adapters_dir": Path(args.out)})
+    # one job in this process: it publishes into KD_ADAPTERS_DIR (or --out), never to Redis (`kd-worker run` does)
+    settings = settings.model_copy(
+        update={"publish_to": "local", **({"adapters_dir": Path(args.out)} if args.out else {})}
+    )
     overrides = parse_overrides(args.set or [])
     cfg = resolve_config(settings.kd_defaults, overrides)  # fails fast on a bad --set, before any model loads
     kinds: list[tuple[DataKind, list[str]]] = [("prompts", args.prompts or []), ("corrections", args.corrections or [])]
@@ -226,14 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.set_defaults(func=cmd_run)
 
-    dm = sub.add_parser("demo", help="build tiny models, start Redis + a worker, distil `memory`, show the result")
+    dm = sub.add_parser(
+        "demo",
+        help="train a tiny teacher and student base (once), start Redis + a worker, distil the `digits` domain, "
+        "show what the student learned",
+    )
     dm.add_argument(
         "--dir",
         default=".kd/demo",
         help="where the demo models, Redis data, work dir, logs and the plot "
         "go (the adapter goes to KD_ADAPTERS_DIR, default ./adapters_kd)",
     )
-    dm.add_argument("--iterations", type=int, default=200, help="training steps of the demo job")
+    dm.add_argument("--iterations", type=int, default=250, help="training steps of the demo job")
     dm.set_defaults(func=cmd_demo)
 
     from kd_worker.ops.service import add_service_parser

@@ -43,7 +43,6 @@ class WorkerSettings(QueueSettings):
     # time to checkpoint the running job at its next training step and requeue it.
     shutdown_grace: int = Field(default=SHUTDOWN_GRACE_S, ge=5, le=3600)
     lost_job_grace: float = Field(default=60.0, gt=0)  # a "queued" job in no queue this long is requeued
-    keep_versions: int = Field(default=5, ge=1)  # published versions kept per domain
     kd_defaults: dict[str, Any] = Field(default_factory=dict)  # KDConfig defaults, JSON
     max_examples: int = Field(default=20_000, ge=1)
     # Bytes of MLX memory (resident models included) a job may reach; checked between batches
@@ -63,6 +62,12 @@ class WorkerSettings(QueueSettings):
         if not v or len(v) > 100 or any(c.isspace() for c in v):
             raise ValueError(f"KD_WORKER_NAME={v!r}: use 1-100 characters without spaces")
         return v
+
+    @property
+    def publish_root(self) -> Path:
+        """Where this worker publishes: KD_ADAPTERS_DIR, or with KD_PUBLISH_TO=redis a copy of its own
+        (the gate's reference and the source of the push) that no consumer reads."""
+        return self.work_dir / "published" if self.publish_to == "redis" else self.adapters_dir
 
 
 def load_settings(**overrides: Any) -> WorkerSettings:

@@ -40,6 +40,7 @@ from jobs.safefs import sha256_file, write_bytes_atomic
 from kd_worker.daemon import ordering
 from kd_worker.daemon.lifecycle import run_job
 from kd_worker.daemon.progress import JobStop, MetaProgress
+from kd_worker.daemon.remote import RedisPublishing
 from kd_worker.daemon.runtime import WorkerContext, current_context
 from kd_worker.engine.hooks import HookList
 from kd_worker.engine.types import DistillRequest
@@ -189,6 +190,7 @@ def _run(ctx: WorkerContext, rq_job: Job, spec: KDJob, cfg: KDConfig, ticket: in
             HookList(stop, MetaProgress(rq_job)),
             publish_guard=lambda: ordering.in_order(ctx.connection, spec.domain, rq_job.id, ticket, stop),
             reuse_outcome=True,
+            remote=RedisPublishing(ctx.connection, ctx.settings) if ctx.settings.publish_to != "local" else None,
         )
     except JobInterrupted as e:
         log.info("job_interrupted", reason=str(e))

@@ -26,6 +26,7 @@ from kd_worker.engine.data import Example, StudentSequence, render_prompt, split
 from kd_worker.engine.hooks import HookList, Hooks
 from kd_worker.engine.models import LoadedModel
 from kd_worker.engine.objective import Objective
+from kd_worker.engine.samples import Probe
 from kd_worker.engine.teacher import Teacher
 from kd_worker.engine.trainer import adapter_weights, attach_lora, train
 from kd_worker.engine.types import Candidate, DistillRequest, Prepared, Scored
@@ -95,6 +96,8 @@ def distill(
     owns removing them. A run whose `checkpoints` directory holds a checkpoint resumes from it."""
     train_ex, val_ex = split_examples(examples, cfg.val_fraction, cfg.seed)
     data = prepare(teacher, student, train_ex, val_ex, cfg, hooks)
+    probe = Probe.choose(val_ex, data.val, cfg.samples)  # readable held-out answers, before and after
+    before = probe.greedy(student, cfg, hooks)
     attach_lora(student.model, cfg)
     require_trainable(student, cfg)
     store = DirCheckpointStore(checkpoints)
@@ -108,8 +111,11 @@ def distill(
     chosen = selection.choose(result.history["val"], cfg.select, last)
     if chosen.step != last:  # select=best: the selected step's adapter, from its checkpoint
         student.model.load_weights(list(store.adapter(chosen.step).items()), strict=False)
+    samples = probe.documents(student, before, probe.greedy(student, cfg, hooks))  # the published adapter's
     identity = outputs.identity_doc(teacher.lm, student, cfg, data.plan)
-    return Candidate(request, cfg, teacher.lm, student, data, result, store, len(examples), identity, chosen.doc())
+    return Candidate(
+        request, cfg, teacher.lm, student, data, result, store, len(examples), identity, samples, chosen.doc()
+    )
 
 
 def training_batches(

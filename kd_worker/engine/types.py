@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ class Candidate:
     checkpoints: DirCheckpointStore
     n_examples: int
     identity: dict[str, Any]  # teacher, student, vocabulary and adapter shape (outputs.identity_doc)
+    samples: list[dict[str, str]] = field(default_factory=list)  # engine.samples: held-out answers before/after
     # the published step (engine.selection): {"step", "by": "val_kl" | "last", "val_kl"}; None: the last
     selected: dict[str, Any] | None = None
 
