@@ -25,6 +25,7 @@ FULL = [
     ["bench.hotswap"],
     ["bench.serve"],
     ["bench.sync"],
+    ["bench.onpolicy_cost"],
 ]
 QUICK = {
     "bench.step": ["--vocab", "2048", "32000"],
@@ -33,6 +34,7 @@ QUICK = {
     "bench.queue": ["--jobs", "4"],
     "bench.serve": ["--shapes", "tiny"],
     "bench.sync": ["--shapes", "tiny"],
+    "bench.onpolicy_cost": ["--vocab", "2048"],
 }
 
 
