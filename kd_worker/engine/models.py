@@ -8,13 +8,14 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import structlog
 
 from jobs.errors import ModelError
@@ -156,7 +157,9 @@ def load_model_dir(path: Path, dtype_setting: str = "auto", identity_cache: Path
 
 def hidden_at(lm: LoadedModel, inputs: mx.array, positions: mx.array) -> mx.array:
     """Final hidden states [N, D] at the flat `positions` of `inputs` [B, L]; without a body/head
-    split, the full logits [N, rows] instead (then `head_logits` only slices them)."""
+    split, the full logits [N, rows] instead (then `head_logits` only slices them). Under autodiff
+    that fallback is the one [rows, V] array not bounded by a chunk; `logit_chunks` (no gradient)
+    bounds it by one sequence."""
     if lm.split is not None:
         h = lm.split[0](inputs)
     else:
@@ -168,3 +171,28 @@ def head_logits(lm: LoadedModel, h: mx.array, n_vocab: int) -> mx.array:
     """Float32 logits [n, n_vocab] for hidden states from `hidden_at` (padding rows sliced off)."""
     logits = lm.split[1](h) if lm.split is not None else h
     return logits[:, :n_vocab].astype(mx.float32)
+
+
+def logit_chunks(
+    lm: LoadedModel, inputs: np.ndarray, positions: np.ndarray, n_vocab: int, rows: int
+) -> Iterator[tuple[np.ndarray, mx.array]]:
+    """(row indices into `positions`, lazy float32 logits [<= rows, n_vocab]) for every flat
+    position of `inputs` [B, L], in order, without a gradient. The consumer evaluates each chunk
+    before asking for the next, so one chunk of [rows, V] is alive at a time. With a body/head
+    split the body runs once (evaluated first, so its activations are gone before the head
+    starts); without one, the full forward runs one sequence at a time (one [L, V] array)."""
+    if lm.split is not None:
+        h = hidden_at(lm, mx.array(inputs), mx.array(positions))
+        mx.eval(h)
+        for s in range(0, len(positions), rows):
+            yield np.arange(s, min(s + rows, len(positions))), head_logits(lm, h[s : s + rows], n_vocab)
+        return
+    width = inputs.shape[1]
+    for b in range(inputs.shape[0]):
+        mine = np.flatnonzero(positions // width == b)
+        if mine.size == 0:
+            continue
+        logits = lm.model(mx.array(inputs[b : b + 1]))[0]  # [L, rows] of one sequence
+        for s in range(0, mine.size, rows):
+            idx = mine[s : s + rows]
+            yield idx, head_logits(lm, logits[mx.array(positions[idx] - b * width)], n_vocab)

@@ -3,6 +3,7 @@ learning, exact resume, vocabulary guard, quantized models, divergence, caching.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -186,8 +187,13 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
     assert not (tmp_path / "adapters_kd" / "memory").exists()  # nothing published
 
 
-def test_teacher_scores_match_a_full_vocabulary_reference(models_root):
+@pytest.mark.parametrize("split", [True, False])
+def test_teacher_scores_match_a_full_vocabulary_reference(models_root, monkeypatch, split):
+    """Scored in chunks of 3 rows; without a body/head split the full forward runs per sequence."""
     lm = load_model_dir(models_root / "teacher")
+    if not split:
+        lm = dataclasses.replace(lm, split=None)
+    monkeypatch.setattr(teacher_fns, "SCORE_CHUNK", 3)
     prompt = lm.tokenizer.apply_chat_template(
         [{"role": "user", "content": "What matters?"}], add_generation_prompt=True
     )
