@@ -17,17 +17,20 @@ FULL = [
     ["bench.step"],
     ["bench.datagen"],
     ["bench.targets"],
+    ["bench.topk"],
     ["bench.scaling"],
     ["bench.queue"],
     ["bench.resident", "--shape", "tiny"],
     ["bench.resident", "--shape", "medium"],
     ["bench.hotswap"],
+    ["bench.serve"],
 ]
 QUICK = {
     "bench.step": ["--vocab", "2048", "32000"],
     "bench.datagen": ["--model", "fixture"],
     "bench.scaling": ["--sizes", "12", "24", "48"],
     "bench.queue": ["--jobs", "4"],
+    "bench.serve": ["--shapes", "tiny"],
 }
 
 

@@ -46,6 +46,11 @@ class SecurityError(KDError):
     """A payload tried to reach outside what the worker allows (paths, functions)."""
 
 
+class StateError(KDError):
+    """State in Redis or on disk that kd-daemon did not write (a key of the wrong type, a planted
+    entry): refused, never worked around; the message names it and how to clear it."""
+
+
 class JobCanceled(KDError):
     """The job was canceled on request."""
 

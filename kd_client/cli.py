@@ -14,7 +14,8 @@ from typing import Any
 from jobs.config import parse_overrides
 from jobs.errors import KDError
 from jobs.models import DOMAINS, PRIORITIES
-from jobs.records import read_records
+from jobs.records import DataKind, read_records
+from kd_client.queue import check_data_size
 
 EXIT_OK, EXIT_FAILED, EXIT_NOT_PUBLISHED, EXIT_STOPPED, EXIT_SPOOLED, EXIT_CONFIG = 0, 1, 3, 4, 75, 78
 FINAL = {"finished", "failed", "stopped", "canceled"}
@@ -31,12 +32,15 @@ def exit_code(row: dict[str, Any]) -> int:
     return EXIT_OK
 
 
-def _records(path: str, kind: str) -> list[dict]:
+def _records(path: str, kind: DataKind, max_bytes: int | None = None) -> list[dict]:
+    """The records of a JSONL file; the size limit applies to the file as given (padding counts)."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise KDError(f"cannot read {path}: {e.strerror}") from e
-    return [r.model_dump(exclude_none=True) for r in read_records(data, kind, Path(path).name)]  # type: ignore[arg-type]
+    if max_bytes is not None:
+        check_data_size(data, path, max_bytes)
+    return [r.model_dump(exclude_none=True) for r in read_records(data, kind, Path(path).name)]
 
 
 def _sample(domain: str) -> str:
@@ -51,8 +55,9 @@ def cmd_submit(args, settings) -> int:
     if not args.all_domains and not args.domain:
         raise KDError("give --domain D (or --all-domains)")
     overrides = parse_overrides(args.set or [])
-    given = [r for f in args.prompts or [] for r in _records(f, "prompts")]  # read once, not per domain
-    corrections = [r for f in args.corrections or [] for r in _records(f, "corrections")]
+    limit = settings.max_data_bytes
+    given = [r for f in args.prompts or [] for r in _records(f, "prompts", limit)]  # read once, not per domain
+    corrections = [r for f in args.corrections or [] for r in _records(f, "corrections", limit)]
     code, receipts = EXIT_OK, []
     for domain in domains:
         prompts = given or (_records(_sample(domain), "prompts") if args.all_domains else [])
@@ -260,6 +265,29 @@ def cmd_follow(args, settings) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args, settings) -> int:
+    """The OpenAI-compatible endpoint of the neurons (kd_client/serve.py), until SIGINT/SIGTERM."""
+    import logging
+
+    import structlog
+
+    from jobs.errors import ConfigError
+    from kd_client.serve import serve
+
+    renderer = structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"), renderer],
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    )
+    try:
+        serve(args.model, args.adapters or str(settings.adapters_dir), args.host, args.port, settings)
+    except ConfigError as e:
+        print(f"kd-client serve: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
 def _first_prompt(domain: str) -> str:
     path = Path(_sample(domain))
     if not path.is_file():
@@ -337,6 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
     fo.add_argument("--poll", action="store_true", help="force polling (network filesystems)")
     fo.add_argument("--max-swaps", type=int, help="exit after this many swaps")
     fo.set_defaults(func=cmd_follow)
+
+    sv = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible endpoint: one resident student base, every published domain's adapter, hot-reloaded",
+        description="POST /v1/chat/completions and /v1/completions (model = a domain or 'base'), GET /v1/models, "
+        "GET /health. Each response names the adapter version it came from (header X-KD-Adapter, field kd). "
+        "Binding beyond loopback requires KD_SERVE_API_KEY (sent as 'Authorization: Bearer ...').",
+    )
+    sv.add_argument("--model", required=True, help="the student base model directory (the adapters' base)")
+    sv.add_argument("--adapters", help="the published adapters directory (default: KD_ADAPTERS_DIR, adapters_kd)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -43,7 +43,7 @@ def load_base(model_dir: Path) -> tuple[Any, Any, float]:
 
     t0 = time.perf_counter()
     try:
-        model, tokenizer = mlx_lm.load(str(model_dir))
+        model, tokenizer = mlx_lm.load(str(model_dir))[:2]  # typed as a pair or, with return_config, a triple
     except Exception as e:  # third-party loaders raise many types; say which directory failed
         raise ModelError(f"cannot load model {model_dir}: {type(e).__name__}: {e}") from e
     return model, tokenizer, time.perf_counter() - t0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from jobs.settings import QueueSettings
 
@@ -21,3 +21,17 @@ class ClientSettings(QueueSettings):
     accumulate_threshold: int = Field(default=50, ge=1)  # corrections per automatic job
     accumulate_max_age_s: float = Field(default=3600.0, gt=0)  # ... or this old, whichever first
     retry_backoff_s: float = 30.0  # after a failed delivery, spool without trying Redis for this long
+
+    # `kd-client serve`: the OpenAI-compatible endpoint of the neurons (kd_client/serve.py)
+    serve_api_key: SecretStr | None = None  # Bearer token; required when binding beyond loopback
+    serve_max_body_bytes: int = Field(default=1 << 20, ge=1024)  # a larger request body is refused (413)
+    serve_max_tokens: int = Field(default=2048, ge=1)  # the most max_tokens a request may ask for
+    serve_default_max_tokens: int = Field(default=512, ge=1)  # when a request names none
+    serve_max_prompt_tokens: int = Field(default=8192, ge=1)
+    serve_max_queued: int = Field(default=64, ge=1)  # waiting requests beyond this get 503
+    serve_prompt_cache_entries: int = Field(default=8, ge=0)  # KV caches kept for prefix reuse (0: none)
+    serve_max_skips: int = Field(
+        default=4, ge=0
+    )  # times the oldest request may be passed over for the installed domain
+    serve_watch_debounce_ms: int = Field(default=200, ge=1)  # how long a burst of publishes is gathered
+    serve_force_polling: bool = False  # poll adapters_kd/ (network filesystems)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
 
 from kd_worker.engine.hooks import Hooks, Progress
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as Bar
+    from rich.progress import TaskID
 
 log = structlog.get_logger(__name__)
 
@@ -24,8 +28,8 @@ class ConsoleProgress(Hooks):
         self.tty = enabled and (sys.stderr.isatty() if tty is None else tty)
         self.log_every_s = log_every_s
         self._last = 0.0
-        self._bar: Any = None  # rich.progress.Progress on a TTY
-        self._tasks: dict[str, int] = {}
+        self._bar: Bar | None = None
+        self._tasks: dict[str, TaskID] = {}
         self._phase: Progress | None = None  # the current phase's latest event
         self._phase_t0 = self._mark = time.monotonic()
 
