@@ -1,6 +1,6 @@
 """Peak memory of the LM head and loss does not grow with the vocabulary (issue 14, part 1).
 
-At Qwen's vocabulary (151,936 embedding rows) with a small body, MLX's own peak counter
+At Qwen's vocabulary (151,936 embedding rows, 151,665 of them tokens) with a small body, MLX's own peak counter
 (`mx.reset_peak_memory` / `mx.get_peak_memory`, exact bytes on the CPU backend) measures the body
 alone and then the whole pass; the head and loss must add no more than a stated number of chunks
 (objective.LOSS_CHUNK_ELEMENTS float32 logits) over the body, however many chunks the batch has.
@@ -9,61 +9,23 @@ same peaks at the production chunk size."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 import pytest
 
+from bench.realsize import N_TOKENS, V, added_peak, qwen_batch
+from bench.realsize import PEAK_BODY as BODY
 from bench.step import student
 from jobs.config import KDConfig
 from kd_worker.engine import objective as OBJ
-from kd_worker.engine.data import Batch, SoftTargets
 from kd_worker.engine.models import hidden_at
 from kd_worker.engine.trainer import make_step
 
-V = 151_936  # Qwen2.5-0.5B..3B embedding rows
-BODY = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
 CHUNK_ELEMENTS = 1 << 21  # 13 rows of 151,936 logits (7.5 MiB) per chunk
 CHUNKS = 6  # response rows of the batch, in chunks
 VALIDATION_CHUNKS = 2.0  # the issue's bound for a validation pass
 TRAIN_CHUNKS = 2.0  # "a few": what a training step's head and loss may add over the body's forward and backward
-
-
-def qwen_batch(rows: int, prompt: int = 8, k: int = 64, uld_every: int = 0) -> Batch:
-    """A batch of 4 sequences with `rows` response positions and random sparse targets."""
-    rng = np.random.default_rng(0)
-    b, response = 4, rows // 4
-    length = prompt + response
-    tokens = rng.integers(0, V, (b, length)).astype(np.int32)
-    pos = np.concatenate([i * (length - 1) + prompt - 1 + np.arange(response) for i in range(b)]).astype(np.int32)
-    n = b * response
-    ids = np.stack([rng.choice(V, k, replace=False) for _ in range(n)]).astype(np.int32)
-    lp = -np.sort(rng.exponential(2.0, (n, k)), axis=-1) - 1.0
-    tail = np.log1p(-np.exp(lp).sum(-1).clip(max=0.99))
-    uld = np.zeros(n, np.float32)
-    if uld_every:
-        uld[::uld_every] = 1.0
-    t = SoftTargets(ids, lp.astype(np.float32), tail.astype(np.float32), np.full(n, 0.5, np.float32), 1.0 - uld, uld)
-    return Batch(tokens[:, :-1], pos, tokens[:, prompt:].reshape(-1), t)
-
-
-def added_peak(fn: Callable[[], object]) -> int:
-    """Bytes MLX's peak rose above the memory in use before `fn` ran."""
-    mx.eval(fn())  # warm-up: compiled kernels and lazily created state (Adam) exist before measuring
-    mx.clear_cache()
-    base = mx.get_active_memory()
-    mx.reset_peak_memory()
-    mx.eval(fn())
-    return mx.get_peak_memory() - base
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +40,13 @@ def small_chunks(monkeypatch):
 
 
 def chunk() -> int:
-    return OBJ.chunk_bytes(V)
+    return OBJ.chunk_bytes(N_TOKENS)
 
 
 def test_validation_adds_at_most_two_chunks_over_the_body(setup):
     lm, cfg = setup
-    b = qwen_batch(CHUNKS * OBJ.chunk_rows(V), uld_every=5)  # ULD rows are scored from the same chunks
-    obj = OBJ.Objective.from_config(cfg, V)
+    b = qwen_batch(CHUNKS * OBJ.chunk_rows(N_TOKENS), uld_every=5)  # ULD rows are scored from the same chunks
+    obj = OBJ.Objective.from_config(cfg, N_TOKENS)
     x, pos = mx.array(b.inputs), mx.array(b.positions)
     lm.model.eval()
     body = added_peak(lambda: hidden_at(lm, x, pos))
@@ -98,8 +60,8 @@ def test_validation_adds_at_most_two_chunks_over_the_body(setup):
 def test_training_step_head_and_loss_add_a_few_chunks_over_the_body(setup, divergence, uld_every):
     """Forward KL (closed-form passes) with ULD rows (autodiff passes), and JSD (autodiff passes)."""
     lm, cfg = setup
-    b = qwen_batch(CHUNKS * OBJ.chunk_rows(V), uld_every=uld_every)
-    obj = OBJ.Objective.from_config(KDConfig(lora_layers=-1, divergence=divergence), V)
+    b = qwen_batch(CHUNKS * OBJ.chunk_rows(N_TOKENS), uld_every=uld_every)
+    obj = OBJ.Objective.from_config(KDConfig(lora_layers=-1, divergence=divergence), N_TOKENS)
     x, pos, t, uld = mx.array(b.inputs), mx.array(b.positions), tuple(OBJ.to_mx_targets(b)), OBJ.uld_rows(b)
     body_grad = nn.value_and_grad(lm.model, lambda m: hidden_at(lm, x, pos).sum())
     body = added_peak(lambda: body_grad(lm.model))

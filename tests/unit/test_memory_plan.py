@@ -21,7 +21,7 @@ from kd_worker.engine import objective as OBJ
 from kd_worker.engine.data import SoftTargets, StudentSequence, collate
 from kd_worker.engine.models import load_model_dir, resident_bytes
 from kd_worker.engine.trainer import attach_lora, lora_layer_count, make_step
-from kd_worker.fixtures.realsize import qwen_config, resolve_shape
+from kd_worker.fixtures.qwenvocab import qwen25_config, qwen25_shape
 from kd_worker.fixtures.tinymodels import ALL_NAMES
 
 GiB = 1 << 30
@@ -39,7 +39,7 @@ def test_weights_estimate_is_exact_for_every_fixture(models_root, name):
 @pytest.mark.parametrize("bits", [None, 4])
 def test_weights_estimate_is_exact_for_a_qwen25_shape(bits):
     """The 0.5B shape (one block): bf16 as stored, and quantized the way mlx-lm's convert does."""
-    cfg = qwen_config(resolve_shape("0.5B", 1), bits=bits)
+    cfg = qwen25_config(qwen25_shape("0.5B", 1), "bfloat16", bits=bits)
     model = qwen2.Model(qwen2.ModelArgs.from_dict(cfg))
     model.set_dtype(mx.bfloat16)
     if bits:
@@ -137,6 +137,8 @@ def test_a_job_that_fits_is_planned_with_headroom_on_the_activations():
     assert plan.total == 1_000_000_000 + 2 * 512 * 1_000_000 and plan.peak_phase == "train"
     assert plan.checked == 1_000_000_000 + int(2 * 512 * 1_000_000 * (1 + M.HEADROOM))
     assert plan.fits(plan.checked) and not plan.fits(plan.checked - 1)
+    assert not plan.fits(plan.total)  # the estimate alone is not room enough: activations get headroom
+    assert plan.checked - plan.total < 2 * 512 * 1_000_000 * 0.25  # ...a bounded one
 
 
 def test_a_job_that_cannot_fit_names_the_setting_and_the_largest_value_that_fits():
@@ -208,9 +210,9 @@ def test_detected_backend_on_this_machine():
     ],
 )
 def test_a_quantized_teacher_is_dequantized_on_the_cpu_when_it_fits(metal, bits, budget, expected):
-    cfg = qwen_config(resolve_shape("1.5B"), bits=bits)
+    cfg = qwen25_config("1.5B", "bfloat16", bits=bits)
     teacher = M.ModelDims.from_config(cfg)
-    student = M.ModelDims.from_config(qwen_config(resolve_shape("0.5B")))
+    student = M.ModelDims.from_config(qwen25_config("0.5B", "bfloat16"))
     backend = M.Backend(metal=metal, device_info={"max_recommended_working_set_size": budget}, ram=budget)
     form = M.teacher_form(teacher, student, KDConfig(), M.Budget(budget, ""), backend, "auto")
     assert form.dequantize is expected
