@@ -56,7 +56,13 @@ def test_cli_distill_writes_the_seed_layout_usable_by_mlx_lm(tmp_path, models_ro
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    outcome = json.loads(out.stdout)
+    outcome = json.loads(out.stdout)  # stdout is the outcome alone
+    log = [json.loads(line) for line in out.stderr.splitlines()]  # --json: the log is JSON lines too
+    timed = {e["phase"]: e for e in log if e["event"] == "phase_finished"}
+    assert {"generate", "score", "train", "validate", "publish"} <= set(timed)
+    assert all(e["seconds"] >= 0 and e["mlx_peak_bytes"] > 0 for e in timed.values())
+    assert any(e["event"] == "progress" and e["phase"] == "train" for e in log)
+    assert next(e for e in log if e["event"] == "memory_plan")["total"] > 0
     d = tmp_path / "out" / "memory"
     for name in ("adapters.safetensors", "adapter_config.json", "kd_metrics.json", "checkpoint_20", "checkpoint_40"):
         assert (d / name).exists(), name
