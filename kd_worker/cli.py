@@ -118,10 +118,7 @@ def print_outcome(outcome: dict[str, Any], as_json: bool) -> None:
             f"published {outcome['domain']} v{outcome['version']}: {outcome['adapter_path']} ({gate['reason']})"
         )
     else:
-        console.print(
-            f"[yellow]not published[/]: {gate['reason']} (candidate KL {gate.get('candidate_kl'):.4f} > "
-            f"published {gate.get('published_kl'):.4f}); rerun with --force to publish anyway"
-        )
+        console.print(f"[yellow]not published[/]: {gate['reason']}; rerun with --force to publish anyway")
 
 
 def cmd_run(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:

@@ -218,11 +218,13 @@ def distill(
     progress: Callable | None = None,
     should_stop: Callable | None = None,
     publish_guard: Callable = contextlib.nullcontext,
+    corpus: Any = None,
+    submitter: str = "kd-worker",
 ) -> dict[str, Any]:
     """One `run_job` (what `kd-worker distill` and the queue run) on the tiny models; `data` defaults
     to the domain's bundled sample prompts, `settings` to work/ and adapters_kd/ under `tmp`,
     `runtime` to a fresh one. `progress(p)` hears Progress events; `should_stop()` returns None,
-    "cancel" or "shutdown"."""
+    "cancel" or "shutdown". `corpus`: the domain's (kd_client.corpus.Corpus), as the queue task passes it."""
     from jobs.config import resolve_config
     from kd_worker.daemon.lifecycle import run_job
     from kd_worker.daemon.runtime import Runtime
@@ -247,9 +249,10 @@ def distill(
         run_id,
         job_id=job_id,
         force_publish=force_publish,
+        submitter=submitter,
     )
     cfg = resolve_config(s.kd_defaults, overrides or {})
-    return run_job(req, cfg, runtime or Runtime(s), s, TestHooks(), publish_guard, reuse_outcome)
+    return run_job(req, cfg, runtime or Runtime(s), s, TestHooks(), publish_guard, reuse_outcome, corpus)
 
 
 class WorkerProcess:

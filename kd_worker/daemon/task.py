@@ -20,6 +20,7 @@ from jobs.config import resolve_config
 from jobs.errors import ConfigError, DataError, JobInterrupted, SecurityError
 from jobs.models import KDJob, blob_key, parse_job
 from jobs.publisher import write_bytes_atomic
+from kd_client.corpus import Corpus, CorpusLimits
 from kd_worker.daemon import ordering
 from kd_worker.daemon.lifecycle import run_job
 from kd_worker.daemon.progress import JobStop, MetaProgress
@@ -102,6 +103,7 @@ def run_kd_job(payload: dict[str, Any]) -> Any:
             run_id=f"{rq_job.id}-{ticket or 0}",
             job_id=rq_job.id,
             force_publish=spec.force_publish,
+            submitter=spec.submitter,
         )
         stop = JobStop(ctx, rq_job.id)
         outcome = run_job(
@@ -112,6 +114,7 @@ def run_kd_job(payload: dict[str, Any]) -> Any:
             HookList(stop, MetaProgress(rq_job)),
             publish_guard=lambda: ordering.in_order(ctx.connection, spec.domain, rq_job.id, ticket, stop),
             reuse_outcome=True,
+            corpus=Corpus(ctx.connection, spec.domain, CorpusLimits.from_settings(ctx.settings)),
         )
     except JobInterrupted as e:
         log.info("job_interrupted", reason=str(e))
