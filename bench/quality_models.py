@@ -114,18 +114,35 @@ def recipe_digest(name: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _encode_batch(tokenizer, items: list[task.Item], responses: list[str]) -> tuple[list[list[int]], list[int]]:
+def _encode_batch(
+    tokenizer, conversations: list[list[dict]], responses: list[str]
+) -> tuple[list[list[int]], list[int]]:
     """(prompt + response + EOS ids, prompt lengths), with the model's own chat template."""
     hf = tokenizer._tokenizer
-    texts = hf.apply_chat_template([it.messages for it in items], add_generation_prompt=True, tokenize=False)
+    texts = hf.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
     prompts = hf(texts, add_special_tokens=False)["input_ids"]
     answers = hf(responses, add_special_tokens=False)["input_ids"]
     eos = hf.eos_token_id
     return [list(p) + list(a) + [eos] for p, a in zip(prompts, answers, strict=True)], [len(p) for p in prompts]
 
 
-def sft(model, tokenizer, recipe: Recipe, say: Callable[[str], None]) -> dict[str, float]:
-    """Train every parameter of `model` on the recipe's questions (CE on response tokens, EOS included)."""
+Draw = Callable[[random.Random], tuple[list[list[dict]], list[str]]]  # rng -> (conversations, responses)
+
+
+def draw_questions(recipe: Recipe) -> Draw:
+    """A batch of the recipe's freshly drawn task questions with their answers."""
+
+    def draw(rng: random.Random) -> tuple[list[list[dict]], list[str]]:
+        batch = [task.make_item(rng, rng.choice(recipe.ops)) for _ in range(recipe.batch_size)]
+        pick = task.first_answer if recipe.set_answers == "first" else partial(task.sample_answer, rng=rng)
+        return [it.messages for it in batch], [pick(it) for it in batch]
+
+    return draw
+
+
+def sft(model, tokenizer, recipe: Recipe, say: Callable[[str], None], draw: Draw | None = None) -> dict[str, float]:
+    """Train every parameter of `model` on batches from `draw` (default: the recipe's questions), CE
+    on response tokens, EOS included."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -158,10 +175,9 @@ def sft(model, tokenizer, recipe: Recipe, say: Callable[[str], None]) -> dict[st
         return loss
 
     t0, losses = time.perf_counter(), []
+    draw = draw or draw_questions(recipe)
     for s in range(recipe.steps):
-        batch = [task.make_item(rng, rng.choice(recipe.ops)) for _ in range(recipe.batch_size)]
-        pick = task.first_answer if recipe.set_answers == "first" else partial(task.sample_answer, rng=rng)
-        seqs, starts = _encode_batch(tokenizer, batch, [pick(it) for it in batch])
+        seqs, starts = _encode_batch(tokenizer, *draw(rng))
         width = -(-max(map(len, seqs)) // 8) * 8  # few distinct shapes: few recompilations
         x = np.zeros((len(seqs), width), np.int32)
         y = np.zeros_like(x)
@@ -185,7 +201,16 @@ def sft(model, tokenizer, recipe: Recipe, say: Callable[[str], None]) -> dict[st
 
 def build(name: str, root: Path, say: Callable[[str], None] = print) -> Path:
     """The trained model directory `root/name`, built (staged, then renamed) unless already current."""
-    out, digest = root / name, recipe_digest(name)
+    return build_trained(SPECS[name], RECIPES[name], recipe_digest(name), root, say)
+
+
+def build_trained(
+    spec: ModelSpec, recipe: Recipe, digest: str, root: Path, say: Callable[[str], None], draw: Draw | None = None
+) -> Path:
+    """`root/spec.name`: a random-init model of `spec` after full-parameter SFT by `recipe` (batches from
+    `draw`, default the recipe's questions), cached under `digest`."""
+    name = spec.name
+    out = root / name
     if up_to_date(out, digest):
         return out
     import mlx.core as mx
@@ -193,13 +218,13 @@ def build(name: str, root: Path, say: Callable[[str], None] = print) -> Path:
     from mlx_lm.utils import save_model
 
     say(f"  training {name} (recipe {digest}; cached under {out})")
-    stage = build_model(SPECS[name], root / f"{name}.init")  # random init, HF layout, tokenizer files
+    stage = build_model(spec, root / f"{name}.init")  # random init, HF layout, tokenizer files
     model, tokenizer = mlx_lm.load(str(stage))
     model.set_dtype(mx.float32)
-    stats = sft(model, tokenizer, RECIPES[name], say)
+    stats = sft(model, tokenizer, recipe, say, draw)
     save_model(stage, model)
     (stage / "kd_fixture.json").write_text(
-        json.dumps({"name": name, "digest": digest, "recipe": asdict(RECIPES[name]), "sft": stats}, indent=2) + "\n"
+        json.dumps({"name": name, "digest": digest, "recipe": asdict(recipe), "sft": stats}, indent=2) + "\n"
     )
     shutil.rmtree(out, ignore_errors=True)
     stage.rename(out)

@@ -325,7 +325,7 @@ def cmd_data_rebuild(args, settings) -> int:
     from kd_client.api import KDClient
 
     corpus = _corpus(args, settings)
-    members = corpus.get([k for k, _ in corpus.history()])
+    members = corpus.training_members()
     if not members:
         raise KDError(f"the {args.domain} corpus has no training examples to rebuild from")
     overrides = {**parse_overrides(args.set or []), "replay": 0.0, "init": "base"}

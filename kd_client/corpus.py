@@ -243,6 +243,10 @@ class Corpus:
         skip = {k.decode() for k in held} | {k.decode() for k in regression} | set(exclude)
         return [(k.decode(), int(s)) for k, s in order if k.decode() not in skip]
 
+    def training_members(self) -> list[CorpusRecord]:
+        """What `kd-client data rebuild` retrains on: every replayable example, oldest first."""
+        return self.get([k for k, _ in self.history()])
+
     def regression_keys(self) -> list[str]:
         slots: dict[bytes, bytes] = cast(Any, self.conn.hgetall(self.k_regression))
         return [k.decode() for _, k in sorted(slots.items(), key=lambda kv: int(kv[0]))]

@@ -1,0 +1,404 @@
+"""Continual distillation: does a neuron keep what earlier jobs taught it? (issue 17)
+
+One domain receives N jobs in sequence, each with corrections about facts no other job mentions
+(bench/continual_task.py: three phrasings per fact trained, a fourth held out). After every publish
+the published adapter is scored on every earlier job's held-out phrasings and the new job's:
+per-token CE of the correct response (the issue's measure), CE of the answer tokens alone (the
+value after "X's favourite colour is", what forgetting loses), and KL to the teacher.
+
+Rows, each over 3 seeds, every job through `daemon.lifecycle.run_job` in-process with a real
+redis-server holding the corpus (the queue's own path minus rq), every version force-published so
+each row's sequence is measured whole while the gate's verdict is still recorded:
+  fresh            today's behaviour: a fresh LoRA on the job's data only (replay=0, init=base)
+  replay           replay=0.5 of every batch from the domain's corpus
+  warm             init=current: start from the published adapter
+  warm+replay      both
+  rebuild          one `kd-client data rebuild` job on the whole corpus after the fresh row's jobs
+                   (replay=0, init=base, N x the iterations: the same compute as the sequence)
+Extra rows (`--rows`): replay 0.25 / 0.75, warm+replay 0.25 / 0.75 (the share behind the default).
+
+    make bench-continual     # = .venv/bin/python -m bench.continual (~25 min on 2 shared cores)
+
+Writes bench/results/continual.json and bench/results/continual.png (retention curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import REPO, RESULTS, report
+from bench.continual_task import benchmark_facts, build_models, job_records
+
+DOMAIN = "memory"
+JOB = {"iterations": 150, "val_every": 1000, "save_every": 1000}  # the issue's measurement: 150 steps
+ROWS: dict[str, dict[str, Any]] = {
+    "fresh": {"replay": 0.0, "init": "base"},
+    "replay": {"replay": 0.5, "init": "base"},
+    "warm": {"replay": 0.0, "init": "current"},
+    "warm+replay": {"replay": 0.5, "init": "current"},
+    "replay 0.25": {"replay": 0.25, "init": "base"},
+    "replay 0.75": {"replay": 0.75, "init": "base"},
+    "warm+replay 0.25": {"replay": 0.25, "init": "current"},
+    "warm+replay 0.75": {"replay": 0.75, "init": "current"},
+}
+MAIN_ROWS = ["fresh", "replay", "warm", "warm+replay", "rebuild"]
+
+
+class Scorer:
+    """The student with LoRA layers, into which each published version's weights are loaded, and the
+    held-out sets with their teacher targets (engine.distill.prepare, the training path)."""
+
+    def __init__(self, teacher_lm, student_path: Path, cache: Path, cfg):
+        from kd_worker.engine.cache import TargetCache
+        from kd_worker.engine.models import load_model_dir
+        from kd_worker.engine.teacher import Teacher
+        from kd_worker.engine.trainer import attach_lora
+
+        self.cfg = cfg
+        self.teacher = Teacher(teacher_lm, TargetCache(cache))
+        self.student = load_model_dir(student_path)
+        attach_lora(self.student.model, cfg)
+        self.student.model.eval()
+        self.sets: list[tuple[list, list[int]]] = []
+
+    def add_set(self, records: list[dict[str, str]], prefixes: list[str]) -> None:
+        """A job's held-out phrasings; `prefixes` give the answer tokens (those after the prefix)."""
+        from jobs.records import example_key
+        from kd_worker.engine.data import Example
+        from kd_worker.engine.distill import prepare
+        from kd_worker.engine.hooks import Hooks
+        from kd_worker.engine.objective import Objective
+
+        examples = []
+        for i, r in enumerate(records):
+            prompt = ({"role": "user", "content": r["prompt"]},)
+            examples.append(Example(example_key(prompt, r["response"]), prompt, r["response"], f"eval {i}"))
+        data = prepare(self.teacher, self.student, examples, [], self.cfg, Hooks())
+        self.objective = Objective.from_config(self.cfg, data.plan.student_vocab)
+        enc = self.student.hf_tokenizer.encode
+        answer = [len(enc(r["response"])) - len(enc(p)) + 1 for r, p in zip(records, prefixes, strict=True)]  # + EOS
+        self.sets.append((data.train, answer))
+
+    def load(self, version_dir: Path) -> None:
+        from jobs import publisher
+        from kd_worker.engine.checkpoints import load_arrays
+
+        self.student.model.load_weights(list(load_arrays(version_dir / publisher.WEIGHTS).items()), strict=False)
+
+    def score(self, upto: int) -> list[dict[str, float]]:
+        """CE, answer-token CE and KL on the first `upto` held-out sets, with the loaded weights."""
+        from kd_worker.engine.trainer import evaluate
+
+        out = []
+        for seqs, answer in self.sets[:upto]:
+            m = evaluate(self.student, seqs, self.objective, 8)
+            out.append({"ce": m["ce"], "kl": m["kl"], "answer_ce": self.answer_ce(seqs, answer)})
+        return out
+
+    def answer_ce(self, seqs, answer: list[int]) -> float:
+        import mlx.core as mx
+
+        from kd_worker.engine.data import collate
+        from kd_worker.engine.models import head_logits, hidden_at
+
+        total, n = 0.0, 0
+        for s, k in zip(seqs, answer, strict=True):
+            b = collate([s])
+            logits = head_logits(
+                self.student, hidden_at(self.student, mx.array(b.inputs), mx.array(b.positions)), self.objective.n_vocab
+            )
+            lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            ce = -mx.take_along_axis(lp, mx.array(b.labels)[:, None], axis=-1)[:, 0]
+            total += float(ce[-k:].sum().item())
+            n += k
+        return total / n
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def run_sequence(ctx: dict[str, Any], row: str, seed: int, data: list[Path], scorer: Scorer) -> dict[str, Any]:
+    """The row's N jobs, one after another; scores after each publish."""
+    from jobs.config import resolve_config
+    from kd_client.corpus import Corpus, CorpusLimits
+    from kd_worker.daemon.lifecycle import run_job
+    from kd_worker.engine.hooks import Hooks
+    from kd_worker.engine.types import DistillRequest
+    from kd_worker.settings import WorkerSettings
+
+    tag = f"{row.replace(' ', '_').replace('+', '_')}-s{seed}"
+    ctx["conn"].flushall()
+    settings = WorkerSettings(
+        work_dir=ctx["work"] / tag, adapters_dir=ctx["work"] / tag / "adapters_kd", keep_versions=20
+    )
+    corpus = Corpus(ctx["conn"], DOMAIN, CorpusLimits.from_settings(settings))
+    cfg = resolve_config({**JOB, "iterations": ctx["iterations"], **ROWS[row], "seed": seed})
+    jobs = []
+    for k, path in enumerate(data):
+        req = DistillRequest(
+            DOMAIN,
+            (("corrections", path),),
+            ctx["teacher"],
+            ctx["student"],
+            f"{tag}-job{k + 1}",
+            job_id=f"{tag}-job{k + 1}",
+            force_publish=True,
+            submitter="bench",
+        )
+        t0 = time.perf_counter()
+        outcome = run_job(req, cfg, ctx["runtime"], settings, Hooks(), corpus=corpus)
+        seconds = time.perf_counter() - t0
+        scorer.load(Path(outcome["adapter_path"]))
+        gate = outcome["gate"]
+        jobs.append(
+            {
+                "seconds": seconds,
+                "scores": scorer.score(k + 1),
+                "gate": gate["decision"],
+                "reason": gate["reason"],
+                "regression": gate.get("regression", {}),
+                "held_out": gate.get("held_out", {}),
+            }
+        )
+        print(
+            f"  {row:18s} seed {seed} job {k + 1}: {seconds:5.1f} s  job-1 CE {jobs[-1]['scores'][0]['ce']:.3f}  "
+            f"new CE {jobs[-1]['scores'][k]['ce']:.3f}  gate {gate['decision']}",
+            flush=True,
+        )
+    out = {"jobs": jobs, "corpus": corpus.stats()}
+    if row == "fresh" and ctx["rebuild"]:
+        out["rebuild"] = run_rebuild(ctx, tag, settings, corpus, cfg, len(data), scorer)
+    return out
+
+
+def run_rebuild(ctx, tag, settings, corpus, cfg, n_jobs: int, scorer: Scorer) -> dict[str, Any]:
+    """What `kd-client data rebuild` submits: the corpus's training members, replay 0, from the base."""
+    from kd_worker.daemon.lifecycle import run_job
+    from kd_worker.engine.hooks import Hooks
+    from kd_worker.engine.types import DistillRequest
+
+    members = corpus.training_members()
+    path = write_jsonl(ctx["work"] / tag / "rebuild.jsonl", [m.as_training_record() for m in members])
+    rcfg = cfg.model_copy(update={"replay": 0.0, "init": "base", "iterations": cfg.iterations * n_jobs})
+    req = DistillRequest(
+        DOMAIN,
+        (("corrections", path),),
+        ctx["teacher"],
+        ctx["student"],
+        f"{tag}-rebuild",
+        job_id=f"{tag}-rebuild",
+        force_publish=True,
+        submitter="bench",
+    )
+    t0 = time.perf_counter()
+    outcome = run_job(req, rcfg, ctx["runtime"], settings, Hooks(), corpus=corpus)
+    seconds = time.perf_counter() - t0
+    scorer.load(Path(outcome["adapter_path"]))
+    print(f"  rebuild            {len(members)} examples, {rcfg.iterations} steps: {seconds:.1f} s", flush=True)
+    return {"seconds": seconds, "examples": len(members), "iterations": rcfg.iterations, "scores": scorer.score(n_jobs)}
+
+
+def stat(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values))
+
+
+def summarize(results: dict[str, dict[int, dict[str, Any]]], n_jobs: int) -> tuple[list[str], list[list[Any]], dict]:
+    """One table row per benchmark row: means ± sd over seeds."""
+    fresh = results["fresh"]
+    columns = [
+        "row",
+        "job-1 CE after job 1",
+        f"job-1 CE after job {n_jobs}",
+        "ratio (goal <= 1.10)",
+        f"job-1 answer CE 1 -> {n_jobs}",
+        "new-job CE (goal <= fresh)",
+        f"all jobs' CE after job {n_jobs}",
+        "s / job",
+        "time vs fresh (goal <= 1.5)",
+        "regression-gate rejections",
+    ]
+    rows, numbers = [], {}
+    fresh_s = [np.mean([j["seconds"] for j in fresh[s]["jobs"]]) for s in fresh]
+    for name, by_seed in results.items():
+        seeds = sorted(by_seed)
+        if name == "rebuild":
+            first = [fresh[s]["jobs"][0]["scores"][0] for s in seeds]
+            last = [by_seed[s]["scores"][0] for s in seeds]
+            alls = [np.mean([x["ce"] for x in by_seed[s]["scores"]]) for s in seeds]
+            news, secs, rejects = [float("nan")], [by_seed[s]["seconds"] for s in seeds], "-"
+        else:
+            first = [by_seed[s]["jobs"][0]["scores"][0] for s in seeds]
+            last = [by_seed[s]["jobs"][-1]["scores"][0] for s in seeds]
+            alls = [np.mean([x["ce"] for x in by_seed[s]["jobs"][-1]["scores"]]) for s in seeds]
+            news = [np.mean([j["scores"][k]["ce"] for k, j in enumerate(by_seed[s]["jobs"])]) for s in seeds]
+            secs = [np.mean([j["seconds"] for j in by_seed[s]["jobs"]]) for s in seeds]
+            rejects = sum(
+                j["gate"] == "reject" and j["reason"].startswith("forgets")
+                for s in seeds
+                for j in by_seed[s]["jobs"][1:]
+            )
+            rejects = f"{rejects}/{len(seeds) * (n_jobs - 1)}"
+        ratio = [b["ce"] / a["ce"] for a, b in zip(first, last, strict=True)]
+        numbers[name] = {
+            "ce_job1_after_1": stat([a["ce"] for a in first]),
+            "ce_job1_after_n": stat([b["ce"] for b in last]),
+            "ratio": stat(ratio),
+            "answer_ce_job1": (stat([a["answer_ce"] for a in first]), stat([b["answer_ce"] for b in last])),
+            "kl_job1_after_n": stat([b["kl"] for b in last]),
+            "new_job_ce": stat(news),
+            "all_ce_after_n": stat(alls),
+            "seconds_per_job": stat(secs),
+            "time_vs_fresh": float(np.mean(secs) / np.mean(fresh_s)),
+            "regression_rejections": rejects,
+        }
+        n = numbers[name]
+
+        def pm(v: tuple[float, float]) -> str:
+            return "-" if np.isnan(v[0]) else f"{v[0]:.3f} ± {v[1]:.3f}"
+
+        rows.append(
+            [
+                name,
+                pm(n["ce_job1_after_1"]),
+                pm(n["ce_job1_after_n"]),
+                pm(n["ratio"]),
+                f"{n['answer_ce_job1'][0][0]:.2f} -> {n['answer_ce_job1'][1][0]:.2f}",
+                pm(n["new_job_ce"]),
+                pm(n["all_ce_after_n"]),
+                f"{n['seconds_per_job'][0]:.1f}",
+                f"{n['time_vs_fresh']:.2f}x",
+                rejects,
+            ]
+        )
+    return columns, rows, numbers
+
+
+def plot(results: dict[str, dict[int, dict[str, Any]]], base: list[dict[str, float]], n_jobs: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = np.arange(1, n_jobs + 1)
+    for name, by_seed in results.items():
+        if name == "rebuild":
+            for ax, key in zip(axes, ("ce", "answer_ce"), strict=True):
+                vals = [by_seed[s]["scores"][0][key] for s in by_seed]
+                ax.errorbar([n_jobs + 0.15], [np.mean(vals)], yerr=[np.std(vals)], fmt="k*", ms=11, label="rebuild")
+            continue
+        for ax, key in zip(axes, ("ce", "answer_ce"), strict=True):
+            curves = np.array([[j["scores"][0][key] for j in by_seed[s]["jobs"]] for s in sorted(by_seed)])
+            m, sd = curves.mean(axis=0), curves.std(axis=0)
+            ax.plot(x, m, marker="o", label=name)
+            ax.fill_between(x, m - sd, m + sd, alpha=0.15)
+    for ax, key, title in zip(
+        axes, ("ce", "answer_ce"), ("per-token CE of the response", "CE of the answer tokens"), strict=True
+    ):
+        ax.axhline(base[0][key], color="grey", ls=":", label="student base")
+        ax.set_xlabel("jobs published")
+        ax.set_ylabel(f"job 1's held-out facts: {title}")
+        ax.set_xticks(x)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Retention of job 1's facts over a sequence of jobs with disjoint facts (mean ± sd, 3 seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"saved {path}")
+
+
+def main() -> int:
+    from bench.continual_task import held_out
+    from jobs.config import resolve_config
+    from kd_worker.daemon.runtime import Runtime
+    from kd_worker.fixtures.demo import managed_redis
+    from kd_worker.settings import WorkerSettings
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--jobs", type=int, default=5)
+    ap.add_argument("--per-job", type=int, default=10, help="facts per job (x3 phrasings submitted)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--iterations", type=int, default=JOB["iterations"])
+    ap.add_argument("--rows", nargs="+", default=MAIN_ROWS, choices=[*ROWS, "rebuild"])
+    ap.add_argument("--name", default="continual", help="results file stem under bench/results/")
+    args = ap.parse_args()
+    load_before = os.getloadavg()
+    work = REPO / ".kd" / "bench" / "continual-run"
+    models = build_models(REPO / ".kd" / "bench" / "continual-models", args.jobs, args.per_job)
+    jobs, _ = benchmark_facts(args.jobs, args.per_job)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    data, tests = [], []
+    for k, facts in enumerate(jobs):
+        train, test = job_records(facts)
+        data.append(write_jsonl(work / f"job{k + 1}.jsonl", train))
+        tests.append((test, [f.answer_prefix for f in facts]))
+    settings = WorkerSettings(work_dir=work)
+    runtime = Runtime(settings)
+    teacher_lm = runtime.teacher(models["continual-teacher"])
+    scorer = Scorer(teacher_lm, models["continual-student"], work / "eval-cache", resolve_config({}))
+    for test, prefixes in tests:
+        scorer.add_set(test, prefixes)
+    base = scorer.score(args.jobs)
+    print("student base:", " ".join(f"{b['ce']:.3f}" for b in base), flush=True)
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    t0 = time.perf_counter()
+    with managed_redis(settings, work / "redis", explicit_url=False) as url:
+        import redis
+
+        ctx = {
+            "conn": redis.Redis.from_url(url),
+            "work": work,
+            "runtime": runtime,
+            "teacher": models["continual-teacher"],
+            "student": models["continual-student"],
+            "iterations": args.iterations,
+            "rebuild": "rebuild" in args.rows,
+        }
+        for row in [r for r in args.rows if r != "rebuild"]:
+            for seed in args.seeds:
+                out = run_sequence(ctx, row, seed, data, scorer)
+                results.setdefault(row, {})[seed] = out
+                if "rebuild" in out:
+                    results.setdefault("rebuild", {})[seed] = out.pop("rebuild")
+    columns, rows, numbers = summarize(results, args.jobs)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(results, base, args.jobs, RESULTS / f"{args.name}.png")
+    extra = {
+        "setup": {
+            "jobs": args.jobs,
+            "facts_per_job": args.per_job,
+            "phrasings": "3 trained per fact, 1 held out (the measure)",
+            "seeds": args.seeds,
+            "job_config": {**JOB, "iterations": args.iterations},
+            "rows": {r: ROWS.get(r, "replay=0, init=base, iterations x jobs") for r in args.rows},
+            "models": {k: str(v) for k, v in models.items()},
+            "held_out_phrasing": [held_out(i) for i in range(4)],
+        },
+        "base": base,
+        "summary": numbers,
+        "per_seed": results,
+        "wall_s": time.perf_counter() - t0,
+        "contention": {
+            "note": "2 cores shared with other engineers' work: timings were taken with other work running",
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+    }
+    report(args.name, f"Continual: {args.jobs} jobs of disjoint facts, {len(args.seeds)} seeds", columns, rows, extra)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
