@@ -139,8 +139,10 @@ def read_outcome(run_dir: Path) -> dict[str, Any] | None:
 
 
 def finish_run(run_dir: Path, outcome: dict[str, Any]) -> dict[str, Any]:
-    """Keep only the outcome of a finished run (checkpoints are in the published version)."""
+    """Keep only the outcome of a finished run (checkpoints are in the published version; the frozen
+    replay sample served only a resume)."""
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    (run_dir / continual.FROZEN).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     publisher.write_json_atomic(run_dir / "outcome.json", outcome)
     return outcome

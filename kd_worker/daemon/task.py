@@ -1,7 +1,7 @@
 """The only RQ entry point: `run_kd_job(payload)`. Validates the payload and resolves the job's
 KDConfig before touching any file, fetches the training data by sha256, and runs the same
-`run_job` as `kd-worker distill`, with the worker's resident models, progress into job.meta and
-the per-domain publish order."""
+`run_job` as `kd-worker distill`, with the worker's resident models, progress into job.meta,
+the per-domain publish order and the domain's corpus (replay, regression set; kd_client.corpus)."""
 
 from __future__ import annotations
 

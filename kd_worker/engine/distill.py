@@ -115,7 +115,7 @@ def prepare(
     cut = np.cumsum([len(p) for p in parts])
     train, val, replayed, held = (seqs[a:b] for a, b in zip([0, *cut[:-1]], cut, strict=True))
     own = len(train_ex) + len(val_ex)
-    return Prepared(plan, targets[:own], train, val, teacher_s, replayed, held)
+    return Prepared(plan, targets[:own], train, val, teacher_s, replayed, held, [e.key for e in replay])
 
 
 def distill(

@@ -86,6 +86,7 @@ def continual_doc(c: Candidate) -> dict[str, Any]:
             "share": c.cfg.replay if c.data.replay else 0.0,
             "examples": len(c.data.replay),
             "rows": int(sum(row.get("replay_rows", 0) for row in c.result.history["train"])),
+            "keys": c.data.replay_keys,  # which corpus examples (kd-client data list) trained this version too
         },
         "regression_examples": len(c.data.regression),
     }

@@ -61,6 +61,7 @@ class Prepared:
     teacher_s: float
     replay: list[StudentSequence] = field(default_factory=list)
     regression: list[StudentSequence] = field(default_factory=list)
+    replay_keys: list[str] = field(default_factory=list)  # the replayed examples (kd_metrics.json)
 
 
 @dataclass
