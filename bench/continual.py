@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import REPO, RESULTS, report
-from bench.continual_task import benchmark_facts, build_models, job_records
+from bench.continual_task import N_JOBS, PER_JOB, benchmark_facts, build_models, job_records
 
 DOMAIN = "memory"
 JOB = {"iterations": 150, "val_every": 1000, "save_every": 1000}  # the issue's measurement: 150 steps
@@ -92,17 +92,19 @@ class Scorer:
 
         self.student.model.load_weights(list(load_arrays(version_dir / publisher.WEIGHTS).items()), strict=False)
 
-    def score(self, upto: int) -> list[dict[str, float]]:
-        """CE, answer-token CE and KL on the first `upto` held-out sets, with the loaded weights."""
+    def score(self, upto: int, lm=None) -> list[dict[str, float]]:
+        """CE, answer-token CE and KL on the first `upto` held-out sets: the student with the loaded
+        weights, or `lm` (the teacher: the reference)."""
         from kd_worker.engine.trainer import evaluate
 
+        lm = lm or self.student
         out = []
         for seqs, answer in self.sets[:upto]:
-            m = evaluate(self.student, seqs, self.objective, 8)
-            out.append({"ce": m["ce"], "kl": m["kl"], "answer_ce": self.answer_ce(seqs, answer)})
+            m = evaluate(lm, seqs, self.objective, 8)
+            out.append({"ce": m["ce"], "kl": m["kl"], "answer_ce": self.answer_ce(lm, seqs, answer)})
         return out
 
-    def answer_ce(self, seqs, answer: list[int]) -> float:
+    def answer_ce(self, lm, seqs, answer: list[int]) -> float:
         import mlx.core as mx
 
         from kd_worker.engine.data import collate
@@ -111,9 +113,7 @@ class Scorer:
         total, n = 0.0, 0
         for s, k in zip(seqs, answer, strict=True):
             b = collate([s])
-            logits = head_logits(
-                self.student, hidden_at(self.student, mx.array(b.inputs), mx.array(b.positions)), self.objective.n_vocab
-            )
+            logits = head_logits(lm, hidden_at(lm, mx.array(b.inputs), mx.array(b.positions)), self.objective.n_vocab)
             lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             ce = -mx.take_along_axis(lp, mx.array(b.labels)[:, None], axis=-1)[:, 0]
             total += float(ce[-k:].sum().item())
@@ -324,8 +324,7 @@ def main() -> int:
     from kd_worker.settings import WorkerSettings
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--jobs", type=int, default=5)
-    ap.add_argument("--per-job", type=int, default=10, help="facts per job (x3 phrasings submitted)")
+    ap.add_argument("--jobs", type=int, default=N_JOBS, choices=range(2, N_JOBS + 1), help="jobs in the sequence")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--iterations", type=int, default=JOB["iterations"])
     ap.add_argument("--rows", nargs="+", default=MAIN_ROWS, choices=[*ROWS, "rebuild"])
@@ -333,8 +332,8 @@ def main() -> int:
     args = ap.parse_args()
     load_before = os.getloadavg()
     work = REPO / ".kd" / "bench" / "continual-run"
-    models = build_models(REPO / ".kd" / "bench" / "continual-models", args.jobs, args.per_job)
-    jobs, _ = benchmark_facts(args.jobs, args.per_job)
+    models = build_models(REPO / ".kd" / "bench" / "continual-models")
+    jobs = benchmark_facts(N_JOBS, PER_JOB)[0][: args.jobs]
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)
@@ -351,7 +350,9 @@ def main() -> int:
     for test, prefixes in tests:
         scorer.add_set(test, prefixes)
     base = scorer.score(args.jobs)
-    print("student base:", " ".join(f"{b['ce']:.3f}" for b in base), flush=True)
+    teacher = scorer.score(args.jobs, teacher_lm)
+    print("student base CE:", " ".join(f"{b['ce']:.3f}" for b in base), flush=True)
+    print("teacher CE:     ", " ".join(f"{b['ce']:.3f}" for b in teacher), flush=True)
     results: dict[str, dict[int, dict[str, Any]]] = {}
     t0 = time.perf_counter()
     with managed_redis(settings, work / "redis", explicit_url=False) as url:
@@ -372,13 +373,14 @@ def main() -> int:
                 results.setdefault(row, {})[seed] = out
                 if "rebuild" in out:
                     results.setdefault("rebuild", {})[seed] = out.pop("rebuild")
+                (work / "partial.json").write_text(json.dumps(results, default=str))  # hours of work: keep it
     columns, rows, numbers = summarize(results, args.jobs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(results, base, args.jobs, RESULTS / f"{args.name}.png")
     extra = {
         "setup": {
             "jobs": args.jobs,
-            "facts_per_job": args.per_job,
+            "facts_per_job": PER_JOB,
             "phrasings": "3 trained per fact, 1 held out (the measure)",
             "seeds": args.seeds,
             "job_config": {**JOB, "iterations": args.iterations},
@@ -387,6 +389,7 @@ def main() -> int:
             "held_out_phrasing": [held_out(i) for i in range(4)],
         },
         "base": base,
+        "teacher": teacher,
         "summary": numbers,
         "per_seed": results,
         "wall_s": time.perf_counter() - t0,
@@ -394,6 +397,7 @@ def main() -> int:
             "note": "2 cores shared with other engineers' work: timings were taken with other work running",
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
+            "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
         },
     }
     report(args.name, f"Continual: {args.jobs} jobs of disjoint facts, {len(args.seeds)} seeds", columns, rows, extra)

@@ -93,7 +93,7 @@ def conclude(
     if skip:
         gate = {"decision": "skip", "reason": skip}
     else:
-        gate = publish_gate(c, settings.adapters_dir, settings.gate_tolerance, hooks)
+        gate = publish_gate(c, settings.adapters_dir, settings.gate_tolerance, hooks, settings.gate_regression_slack)
     outcome = {"domain": req.domain, "run_id": req.run_id, "gate": gate, "before": c.before, "after": c.after}
     if skip or (gate["decision"] == "reject" and not req.force_publish):
         if not skip:

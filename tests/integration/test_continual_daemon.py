@@ -37,9 +37,10 @@ def submit(env, path: Path, *extra: str) -> str:
 
 
 def test_two_workers_share_one_corpus_and_the_gate_keeps_forgetting_out(env, worker, tmp_path):
+    env = dict(env, KD_GATE_REGRESSION_SLACK="0")  # the fixture teacher's KLs are below the default slack
     conn, adapters = connect(env), Path(env["KD_ADAPTERS_DIR"])
     corpus = Corpus(conn, "memory", CorpusLimits(10_000, 10**8, 256))
-    first = worker(name="kd-mac-1")
+    first = worker(name="kd-mac-1", base=env)
     a = submit(env, facts(tmp_path, "ada"), *GATED)
     assert wait_status(conn, a, {"finished"})["outcome"]["published"]
 
@@ -53,7 +54,7 @@ def test_two_workers_share_one_corpus_and_the_gate_keeps_forgetting_out(env, wor
     first.stop()
 
     # another machine: its own disk, the same Redis; it replays what the first one recorded
-    second = worker(name="kd-mac-2", KD_WORK_DIR=str(tmp_path / "work-mac-2"))
+    second = worker(name="kd-mac-2", base=env, KD_WORK_DIR=str(tmp_path / "work-mac-2"))
     c = submit(env, facts(tmp_path, "cy"), *GATED, "--set", "init=current")
     outcome = wait_status(conn, c, {"finished"})["outcome"]
     assert outcome["published"] and outcome["version"] == 2, json.dumps(outcome["gate"])
