@@ -154,14 +154,15 @@ def run_sequence(ctx: dict[str, Any], row: str, seed: int, data: list[Path], sco
             force_publish=True,
             submitter="bench",
         )
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         outcome = run_job(req, cfg, ctx["runtime"], settings, Hooks(), corpus=corpus)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         scorer.load(Path(outcome["adapter_path"]))
         gate = outcome["gate"]
         jobs.append(
             {
                 "seconds": seconds,
+                "cpu_s": cpu,
                 "scores": scorer.score(k + 1),
                 "gate": gate["decision"],
                 "reason": gate["reason"],
@@ -170,8 +171,9 @@ def run_sequence(ctx: dict[str, Any], row: str, seed: int, data: list[Path], sco
             }
         )
         print(
-            f"  {row:18s} seed {seed} job {k + 1}: {seconds:5.1f} s  job-1 CE {jobs[-1]['scores'][0]['ce']:.3f}  "
-            f"new CE {jobs[-1]['scores'][k]['ce']:.3f}  gate {gate['decision']}",
+            f"  {row:18s} seed {seed} job {k + 1}: {seconds:5.1f} s ({cpu:5.1f} s CPU)  "
+            f"job-1 CE {jobs[-1]['scores'][0]['ce']:.3f}  new CE {jobs[-1]['scores'][k]['ce']:.3f}  "
+            f"gate {gate['decision']}",
             flush=True,
         )
     out = {"jobs": jobs, "corpus": corpus.stats()}
@@ -199,84 +201,94 @@ def run_rebuild(ctx, tag, settings, corpus, cfg, n_jobs: int, scorer: Scorer) ->
         force_publish=True,
         submitter="bench",
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     outcome = run_job(req, rcfg, ctx["runtime"], settings, Hooks(), corpus=corpus)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     scorer.load(Path(outcome["adapter_path"]))
     print(f"  rebuild            {len(members)} examples, {rcfg.iterations} steps: {seconds:.1f} s", flush=True)
-    return {"seconds": seconds, "examples": len(members), "iterations": rcfg.iterations, "scores": scorer.score(n_jobs)}
+    return {
+        "seconds": seconds,
+        "cpu_s": cpu,
+        "examples": len(members),
+        "iterations": rcfg.iterations,
+        "scores": scorer.score(n_jobs),
+    }
 
 
 def stat(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values))
 
 
-def summarize(results: dict[str, dict[int, dict[str, Any]]], n_jobs: int) -> tuple[list[str], list[list[Any]], dict]:
-    """One table row per benchmark row: means ± sd over seeds."""
-    fresh = results["fresh"]
+def pm(v: tuple[float, float]) -> str:
+    return "-" if np.isnan(v[0]) else f"{v[0]:.3f} ± {v[1]:.3f}"
+
+
+def row_numbers(by_seed: dict[int, dict[str, Any]], fresh: dict[int, dict[str, Any]], base: float) -> dict[str, Any]:
+    """One row's measures per seed: job 1's facts right after job 1 and after the last job, the new
+    job's facts right after each job, every job's facts at the end, time, gate rejections."""
+    seeds = sorted(by_seed)
+    if "jobs" not in by_seed[seeds[0]]:  # the rebuild: one job, compared with the fresh row's job 1
+        first = [fresh[s]["jobs"][0]["scores"][0] for s in seeds]
+        last = [by_seed[s]["scores"][0] for s in seeds]
+        alls = [np.mean([x["ce"] for x in by_seed[s]["scores"]]) for s in seeds]
+        news, jobs = [float("nan")], [[by_seed[s]] for s in seeds]
+        rejects = "-"
+    else:
+        first = [by_seed[s]["jobs"][0]["scores"][0] for s in seeds]
+        last = [by_seed[s]["jobs"][-1]["scores"][0] for s in seeds]
+        alls = [np.mean([x["ce"] for x in by_seed[s]["jobs"][-1]["scores"]]) for s in seeds]
+        news = [np.mean([j["scores"][k]["ce"] for k, j in enumerate(by_seed[s]["jobs"])]) for s in seeds]
+        jobs = [by_seed[s]["jobs"] for s in seeds]
+        n = sum(j["gate"] == "reject" and j["reason"].startswith("forgets") for js in jobs for j in js[1:])
+        rejects = f"{n}/{sum(len(js) - 1 for js in jobs)}"
+    return {
+        "ce_job1_after_1": stat([a["ce"] for a in first]),
+        "ce_job1_after_n": stat([b["ce"] for b in last]),
+        "ratio": stat([b["ce"] / a["ce"] for a, b in zip(first, last, strict=True)]),
+        "kept": stat([(base - b["ce"]) / (base - a["ce"]) for a, b in zip(first, last, strict=True)]),
+        "answer_ce_job1": (stat([a["answer_ce"] for a in first]), stat([b["answer_ce"] for b in last])),
+        "kl_job1_after_n": stat([b["kl"] for b in last]),
+        "new_job_ce": stat(news),
+        "all_ce_after_n": stat(alls),
+        "cpu_s_per_job": stat([np.mean([j["cpu_s"] for j in js]) for js in jobs]),
+        "wall_s_per_job": stat([np.mean([j["seconds"] for j in js]) for js in jobs]),
+        "regression_rejections": rejects,
+    }
+
+
+def summarize(results: dict[str, dict[int, dict[str, Any]]], base: list[dict[str, float]], n_jobs: int):
+    """(columns, table rows, numbers): means ± sd over seeds."""
     columns = [
         "row",
         "job-1 CE after job 1",
-        f"job-1 CE after job {n_jobs}",
+        f"after job {n_jobs}",
         "ratio (goal <= 1.10)",
+        "job-1 gain kept",
         f"job-1 answer CE 1 -> {n_jobs}",
         "new-job CE (goal <= fresh)",
         f"all jobs' CE after job {n_jobs}",
-        "s / job",
-        "time vs fresh (goal <= 1.5)",
+        "CPU s / job (wall)",
+        "CPU vs fresh (goal <= 1.5)",
         "regression-gate rejections",
     ]
-    rows, numbers = [], {}
-    fresh_s = [np.mean([j["seconds"] for j in fresh[s]["jobs"]]) for s in fresh]
-    for name, by_seed in results.items():
-        seeds = sorted(by_seed)
-        if name == "rebuild":
-            first = [fresh[s]["jobs"][0]["scores"][0] for s in seeds]
-            last = [by_seed[s]["scores"][0] for s in seeds]
-            alls = [np.mean([x["ce"] for x in by_seed[s]["scores"]]) for s in seeds]
-            news, secs, rejects = [float("nan")], [by_seed[s]["seconds"] for s in seeds], "-"
-        else:
-            first = [by_seed[s]["jobs"][0]["scores"][0] for s in seeds]
-            last = [by_seed[s]["jobs"][-1]["scores"][0] for s in seeds]
-            alls = [np.mean([x["ce"] for x in by_seed[s]["jobs"][-1]["scores"]]) for s in seeds]
-            news = [np.mean([j["scores"][k]["ce"] for k, j in enumerate(by_seed[s]["jobs"])]) for s in seeds]
-            secs = [np.mean([j["seconds"] for j in by_seed[s]["jobs"]]) for s in seeds]
-            rejects = sum(
-                j["gate"] == "reject" and j["reason"].startswith("forgets")
-                for s in seeds
-                for j in by_seed[s]["jobs"][1:]
-            )
-            rejects = f"{rejects}/{len(seeds) * (n_jobs - 1)}"
-        ratio = [b["ce"] / a["ce"] for a, b in zip(first, last, strict=True)]
-        numbers[name] = {
-            "ce_job1_after_1": stat([a["ce"] for a in first]),
-            "ce_job1_after_n": stat([b["ce"] for b in last]),
-            "ratio": stat(ratio),
-            "answer_ce_job1": (stat([a["answer_ce"] for a in first]), stat([b["answer_ce"] for b in last])),
-            "kl_job1_after_n": stat([b["kl"] for b in last]),
-            "new_job_ce": stat(news),
-            "all_ce_after_n": stat(alls),
-            "seconds_per_job": stat(secs),
-            "time_vs_fresh": float(np.mean(secs) / np.mean(fresh_s)),
-            "regression_rejections": rejects,
-        }
-        n = numbers[name]
-
-        def pm(v: tuple[float, float]) -> str:
-            return "-" if np.isnan(v[0]) else f"{v[0]:.3f} ± {v[1]:.3f}"
-
+    numbers = {name: row_numbers(by_seed, results["fresh"], base[0]["ce"]) for name, by_seed in results.items()}
+    fresh_cpu = numbers["fresh"]["cpu_s_per_job"][0]
+    rows = []
+    for name, n in numbers.items():
+        n["cpu_vs_fresh"] = n["cpu_s_per_job"][0] / fresh_cpu
         rows.append(
             [
                 name,
                 pm(n["ce_job1_after_1"]),
                 pm(n["ce_job1_after_n"]),
                 pm(n["ratio"]),
-                f"{n['answer_ce_job1'][0][0]:.2f} -> {n['answer_ce_job1'][1][0]:.2f}",
+                f"{n['kept'][0]:.1%}",
+                f"{n['answer_ce_job1'][0][0]:.3f} -> {n['answer_ce_job1'][1][0]:.3f}",
                 pm(n["new_job_ce"]),
                 pm(n["all_ce_after_n"]),
-                f"{n['seconds_per_job'][0]:.1f}",
-                f"{n['time_vs_fresh']:.2f}x",
-                rejects,
+                f"{n['cpu_s_per_job'][0]:.1f} ({n['wall_s_per_job'][0]:.0f})",
+                f"{n['cpu_vs_fresh']:.2f}x",
+                n["regression_rejections"],
             ]
         )
     return columns, rows, numbers
@@ -374,7 +386,7 @@ def main() -> int:
                 if "rebuild" in out:
                     results.setdefault("rebuild", {})[seed] = out.pop("rebuild")
                 (work / "partial.json").write_text(json.dumps(results, default=str))  # hours of work: keep it
-    columns, rows, numbers = summarize(results, args.jobs)
+    columns, rows, numbers = summarize(results, base, args.jobs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(results, base, args.jobs, RESULTS / f"{args.name}.png")
     extra = {
@@ -401,6 +413,8 @@ def main() -> int:
         },
     }
     report(args.name, f"Continual: {args.jobs} jobs of disjoint facts, {len(args.seeds)} seeds", columns, rows, extra)
+    print("\n".join(["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]))  # for README.md
+    print("\n".join("| " + " | ".join(str(v) for v in r) + " |" for r in rows))
     return 0
 
 
