@@ -66,8 +66,8 @@ class CorpusRecord(BaseModel):
         """Recorded again by `entry.job_id`; a job already named (a retry) changes nothing."""
         if any(p.job_id == entry.job_id for p in self.provenance):
             return self
-        kept = (self.provenance[0], *self.provenance[1:], entry)
-        if len(kept) > PROVENANCE_MAX:
+        kept = (*self.provenance, entry)
+        if len(kept) > PROVENANCE_MAX:  # keep the first recording and the latest ones
             kept = (kept[0], *kept[len(kept) - PROVENANCE_MAX + 1 :])
         return self.model_copy(update={"provenance": kept, "recorded": self.recorded + 1})
 
