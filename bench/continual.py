@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -275,7 +276,8 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], base: list[dict[str
     fresh_cpu = numbers["fresh"]["cpu_s_per_job"][0]
     rows = []
     for name, n in numbers.items():
-        n["cpu_vs_fresh"] = n["cpu_s_per_job"][0] / fresh_cpu
+        n["cpu_vs_fresh"] = n["cpu_s_per_job"][0] / fresh_cpu / (n_jobs if name == "rebuild" else 1)
+        of = f" of {n_jobs} jobs" if name == "rebuild" else ""  # one job, as much training as the sequence
         rows.append(
             [
                 name,
@@ -287,7 +289,7 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], base: list[dict[str
                 pm(n["new_job_ce"]),
                 pm(n["all_ce_after_n"]),
                 f"{n['cpu_s_per_job'][0]:.1f} ({n['wall_s_per_job'][0]:.0f})",
-                f"{n['cpu_vs_fresh']:.2f}x",
+                f"{n['cpu_vs_fresh']:.2f}x{of}",
                 n["regression_rejections"],
             ]
         )
@@ -328,46 +330,58 @@ def plot(results: dict[str, dict[int, dict[str, Any]]], base: list[dict[str, flo
     print(f"saved {path}")
 
 
-def main() -> int:
-    from bench.continual_task import held_out
-    from jobs.config import resolve_config
-    from kd_worker.daemon.runtime import Runtime
-    from kd_worker.fixtures.demo import managed_redis
-    from kd_worker.settings import WorkerSettings
+SLACKS = (0.0, 0.005, 0.01, 0.02, 0.05)
 
+
+def slack_sweep(results: dict[str, dict[int, dict[str, Any]]], tolerance: float = 0.01) -> dict[str, dict[str, str]]:
+    """Versions (jobs 2..N) the regression check would reject per row, at each KD_GATE_REGRESSION_SLACK:
+    the evidence behind the default (today's forgetting versions out, continual ones in)."""
+    from kd_worker.engine.gate import worse
+
+    out: dict[str, dict[str, str]] = {}
+    for row, by_seed in results.items():
+        regs = [j["regression"] for o in by_seed.values() for j in o.get("jobs", [])[1:]]
+        if regs:
+            out[row] = {f"{s:g}": f"{sum(worse(r, tolerance, s) for r in regs)}/{len(regs)}" for s in SLACKS}
+    return out
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--jobs", type=int, default=N_JOBS, choices=range(2, N_JOBS + 1), help="jobs in the sequence")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--iterations", type=int, default=JOB["iterations"])
     ap.add_argument("--rows", nargs="+", default=MAIN_ROWS, choices=[*ROWS, "rebuild"])
     ap.add_argument("--name", default="continual", help="results file stem under bench/results/")
-    args = ap.parse_args()
-    load_before = os.getloadavg()
-    work = REPO / ".kd" / "bench" / "continual-run"
-    models = build_models(REPO / ".kd" / "bench" / "continual-models")
-    jobs = benchmark_facts(N_JOBS, PER_JOB)[0][: args.jobs]
-    import shutil
+    ap.add_argument("--from-json", type=Path, help="re-summarize a saved result (no training)")
+    return ap.parse_args()
+
+
+def prepare(work: Path, n_jobs: int, models: dict[str, Path]):
+    """The jobs' data files, the runtime (teacher resident) and the scorer with every held-out set."""
+    from jobs.config import resolve_config
+    from kd_worker.daemon.runtime import Runtime
+    from kd_worker.settings import WorkerSettings
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    data, tests = [], []
-    for k, facts in enumerate(jobs):
-        train, test = job_records(facts)
-        data.append(write_jsonl(work / f"job{k + 1}.jsonl", train))
-        tests.append((test, [f.answer_prefix for f in facts]))
-    settings = WorkerSettings(work_dir=work)
-    runtime = Runtime(settings)
+    data = []
+    runtime = Runtime(WorkerSettings(work_dir=work))
     teacher_lm = runtime.teacher(models["continual-teacher"])
     scorer = Scorer(teacher_lm, models["continual-student"], work / "eval-cache", resolve_config({}))
-    for test, prefixes in tests:
-        scorer.add_set(test, prefixes)
-    base = scorer.score(args.jobs)
-    teacher = scorer.score(args.jobs, teacher_lm)
-    print("student base CE:", " ".join(f"{b['ce']:.3f}" for b in base), flush=True)
-    print("teacher CE:     ", " ".join(f"{b['ce']:.3f}" for b in teacher), flush=True)
+    for k, facts in enumerate(benchmark_facts(N_JOBS, PER_JOB)[0][:n_jobs]):
+        train, test = job_records(facts)
+        data.append(write_jsonl(work / f"job{k + 1}.jsonl", train))
+        scorer.add_set(test, [f.answer_prefix for f in facts])
+    return data, runtime, teacher_lm, scorer
+
+
+def run_rows(args, work: Path, models: dict[str, Path], data, runtime, scorer) -> dict[str, dict[int, dict[str, Any]]]:
+    from kd_worker.fixtures.demo import managed_redis
+    from kd_worker.settings import WorkerSettings
+
     results: dict[str, dict[int, dict[str, Any]]] = {}
-    t0 = time.perf_counter()
-    with managed_redis(settings, work / "redis", explicit_url=False) as url:
+    with managed_redis(WorkerSettings(work_dir=work), work / "redis", explicit_url=False) as url:
         import redis
 
         ctx = {
@@ -386,35 +400,60 @@ def main() -> int:
                 if "rebuild" in out:
                     results.setdefault("rebuild", {})[seed] = out.pop("rebuild")
                 (work / "partial.json").write_text(json.dumps(results, default=str))  # hours of work: keep it
-    columns, rows, numbers = summarize(results, base, args.jobs)
+    return results
+
+
+def publish_results(name: str, doc: dict[str, Any]) -> None:
+    """Table, plot, bench/results/{name}.json (summary recomputed from the per-seed results)."""
+    results, n_jobs = doc["per_seed"], doc["setup"]["jobs"]
+    columns, rows, numbers = summarize(results, doc["base"], n_jobs)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(results, base, args.jobs, RESULTS / f"{args.name}.png")
-    extra = {
-        "setup": {
-            "jobs": args.jobs,
-            "facts_per_job": PER_JOB,
-            "phrasings": "3 trained per fact, 1 held out (the measure)",
-            "seeds": args.seeds,
-            "job_config": {**JOB, "iterations": args.iterations},
-            "rows": {r: ROWS.get(r, "replay=0, init=base, iterations x jobs") for r in args.rows},
-            "models": {k: str(v) for k, v in models.items()},
-            "held_out_phrasing": [held_out(i) for i in range(4)],
-        },
-        "base": base,
-        "teacher": teacher,
-        "summary": numbers,
-        "per_seed": results,
-        "wall_s": time.perf_counter() - t0,
-        "contention": {
-            "note": "2 cores shared with other engineers' work: timings were taken with other work running",
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-            "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
-        },
-    }
-    report(args.name, f"Continual: {args.jobs} jobs of disjoint facts, {len(args.seeds)} seeds", columns, rows, extra)
+    plot(results, doc["base"], n_jobs, RESULTS / f"{name}.png")
+    extra = {k: v for k, v in doc.items() if k not in ("columns", "rows", "machine", "benchmark")}
+    extra.update(summary=numbers, regression_rejections_by_slack=slack_sweep(results))
+    seeds = len(doc["setup"]["seeds"])
+    report(name, f"Continual: {n_jobs} jobs of disjoint facts, {seeds} seeds", columns, rows, extra)
+    print("rejections by KD_GATE_REGRESSION_SLACK:", json.dumps(extra["regression_rejections_by_slack"], indent=1))
     print("\n".join(["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]))  # for README.md
     print("\n".join("| " + " | ".join(str(v) for v in r) + " |" for r in rows))
+
+
+def main() -> int:
+    from bench.continual_task import held_out
+
+    args = parse_args()
+    if args.from_json:
+        doc = json.loads(args.from_json.read_text())
+        doc["per_seed"] = {row: {int(s): o for s, o in by.items()} for row, by in doc["per_seed"].items()}
+        publish_results(args.name, doc)
+        return 0
+    load_before = os.getloadavg()
+    work = REPO / ".kd" / "bench" / "continual-run"
+    models = build_models(REPO / ".kd" / "bench" / "continual-models")
+    data, runtime, teacher_lm, scorer = prepare(work, args.jobs, models)
+    base, teacher = scorer.score(args.jobs), scorer.score(args.jobs, teacher_lm)
+    print("student base CE:", " ".join(f"{b['ce']:.3f}" for b in base), flush=True)
+    print("teacher CE:     ", " ".join(f"{b['ce']:.3f}" for b in teacher), flush=True)
+    t0 = time.perf_counter()
+    results = run_rows(args, work, models, data, runtime, scorer)
+    setup = {
+        "jobs": args.jobs,
+        "facts_per_job": PER_JOB,
+        "phrasings": "3 trained per fact, 1 held out (the measure)",
+        "seeds": args.seeds,
+        "job_config": {**JOB, "iterations": args.iterations},
+        "rows": {r: ROWS.get(r, "replay=0, init=base, iterations x jobs") for r in args.rows},
+        "models": {k: str(v) for k, v in models.items()},
+        "held_out_phrasing": [held_out(i) for i in range(4)],
+    }
+    contention = {
+        "note": "2 cores shared with other engineers' work: timings were taken with other work running",
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
+    }
+    doc = {"setup": setup, "base": base, "teacher": teacher, "per_seed": results, "wall_s": time.perf_counter() - t0}
+    publish_results(args.name, {**doc, "contention": contention})
     return 0
 
 
