@@ -17,7 +17,8 @@ each row's sequence is measured whole while the gate's verdict is still recorded
                    (replay=0, init=base, N x the iterations: the same compute as the sequence)
 Extra rows (`--rows`): replay 0.25 / 0.75, warm+replay 0.25 / 0.75 (the share behind the default).
 
-    make bench-continual     # = .venv/bin/python -m bench.continual (~25 min on 2 shared cores)
+    make bench-continual     # = .venv/bin/python -m bench.continual (~70 min on 2 shared cores)
+    python -m bench.continual --resume   # after an interruption: keeps the finished sequences
 
 Writes bench/results/continual.json and bench/results/continual.png (retention curves).
 """
@@ -354,17 +355,24 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rows", nargs="+", default=MAIN_ROWS, choices=[*ROWS, "rebuild"])
     ap.add_argument("--name", default="continual", help="results file stem under bench/results/")
     ap.add_argument("--from-json", type=Path, help="re-summarize a saved result (no training)")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the (row, seed) sequences an interrupted run finished (its partial.json) and run the rest",
+    )
     return ap.parse_args()
 
 
-def prepare(work: Path, n_jobs: int, models: dict[str, Path]):
-    """The jobs' data files, the runtime (teacher resident) and the scorer with every held-out set."""
+def prepare(work: Path, n_jobs: int, models: dict[str, Path], keep: bool = False):
+    """The jobs' data files, the runtime (teacher resident) and the scorer with every held-out set;
+    `keep`: an interrupted run's directory stays (its finished sequences, partial.json)."""
     from jobs.config import resolve_config
     from kd_worker.daemon.runtime import Runtime
     from kd_worker.settings import WorkerSettings
 
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     data = []
     runtime = Runtime(WorkerSettings(work_dir=work))
     teacher_lm = runtime.teacher(models["continual-teacher"])
@@ -376,11 +384,25 @@ def prepare(work: Path, n_jobs: int, models: dict[str, Path]):
     return data, runtime, teacher_lm, scorer
 
 
+def load_partial(path: Path, n_jobs: int) -> dict[str, dict[int, dict[str, Any]]]:
+    """An interrupted run's finished sequences ({} when there is none); a sequence of another length
+    (another --jobs) is dropped, so a resumed table never mixes setups."""
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for row, by_seed in saved.items():
+        for seed, o in by_seed.items():
+            if len(o.get("jobs", o.get("scores", []))) == n_jobs:
+                out.setdefault(row, {})[int(seed)] = o
+    return out
+
+
 def run_rows(args, work: Path, models: dict[str, Path], data, runtime, scorer) -> dict[str, dict[int, dict[str, Any]]]:
     from kd_worker.fixtures.demo import managed_redis
     from kd_worker.settings import WorkerSettings
 
-    results: dict[str, dict[int, dict[str, Any]]] = {}
+    results = load_partial(work / "partial.json", args.jobs) if args.resume else {}
     with managed_redis(WorkerSettings(work_dir=work), work / "redis", explicit_url=False) as url:
         import redis
 
@@ -395,6 +417,10 @@ def run_rows(args, work: Path, models: dict[str, Path], data, runtime, scorer) -
         }
         for row in [r for r in args.rows if r != "rebuild"]:
             for seed in args.seeds:
+                done = seed in results.get(row, {})
+                if done and (row != "fresh" or not ctx["rebuild"] or seed in results.get("rebuild", {})):
+                    print(f"  {row:18s} seed {seed}: kept from the interrupted run", flush=True)
+                    continue
                 out = run_sequence(ctx, row, seed, data, scorer)
                 results.setdefault(row, {})[seed] = out
                 if "rebuild" in out:
@@ -430,12 +456,13 @@ def main() -> int:
     load_before = os.getloadavg()
     work = REPO / ".kd" / "bench" / "continual-run"
     models = build_models(REPO / ".kd" / "bench" / "continual-models")
-    data, runtime, teacher_lm, scorer = prepare(work, args.jobs, models)
+    data, runtime, teacher_lm, scorer = prepare(work, args.jobs, models, keep=args.resume)
     base, teacher = scorer.score(args.jobs), scorer.score(args.jobs, teacher_lm)
     print("student base CE:", " ".join(f"{b['ce']:.3f}" for b in base), flush=True)
     print("teacher CE:     ", " ".join(f"{b['ce']:.3f}" for b in teacher), flush=True)
     t0 = time.perf_counter()
     results = run_rows(args, work, models, data, runtime, scorer)
+    results = {r: by for r, by in results.items() if r in args.rows}  # a resumed run's other rows stay out
     setup = {
         "jobs": args.jobs,
         "facts_per_job": PER_JOB,
