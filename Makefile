@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow test-all bench bench-continual doctor clean
+.PHONY: setup demo lint test test-slow test-all bench bench-continual doctor clean
 
 setup:
 	@bash scripts/setup.sh
@@ -11,8 +11,14 @@ setup:
 demo: setup
 	$(VENV)/bin/kd-worker demo
 
-## Set up, then run the test suite CI runs (slow suites excluded).
-test: setup
+## Formatting, lint and types (configured in pyproject.toml): any finding fails.
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+## Set up, lint, then run the test suite CI runs (slow suites excluded).
+test: lint
 	$(PY) -m pytest -m "not slow" -q
 
 ## Long fault-injection cases and real-size models.
@@ -34,4 +40,4 @@ doctor: setup
 	$(VENV)/bin/kd-worker doctor
 
 clean:
-	rm -rf $(VENV) .kd .pytest_cache
+	rm -rf $(VENV) .kd .pytest_cache .mypy_cache .ruff_cache

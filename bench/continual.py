@@ -454,7 +454,7 @@ def main() -> int:
         publish_results(args.name, doc)
         return 0
     load_before = os.getloadavg()
-    work = REPO / ".kd" / "bench" / "continual-run"
+    work = REPO / ".kd" / "bench" / f"{args.name}-run"  # a quick run never clobbers a long one's partial.json
     models = build_models(REPO / ".kd" / "bench" / "continual-models")
     data, runtime, teacher_lm, scorer = prepare(work, args.jobs, models, keep=args.resume)
     base, teacher = scorer.score(args.jobs), scorer.score(args.jobs, teacher_lm)

@@ -17,17 +17,24 @@ FULL = [
     ["bench.step"],
     ["bench.datagen"],
     ["bench.targets"],
+    ["bench.topk"],
     ["bench.scaling"],
     ["bench.queue"],
     ["bench.resident", "--shape", "tiny"],
     ["bench.resident", "--shape", "medium"],
     ["bench.hotswap"],
+    ["bench.serve"],
+    ["bench.sync"],
+    ["bench.continual"],  # the longest (about an hour on 2 shared cores); also `make bench-continual`
 ]
 QUICK = {
     "bench.step": ["--vocab", "2048", "32000"],
     "bench.datagen": ["--model", "fixture"],
     "bench.scaling": ["--sizes", "12", "24", "48"],
     "bench.queue": ["--jobs", "4"],
+    "bench.serve": ["--shapes", "tiny"],
+    "bench.sync": ["--shapes", "tiny"],
+    "bench.continual": ["--jobs", "3", "--seeds", "0", "--rows", "fresh", "warm+replay", "--name", "continual-quick"],
 }
 
 

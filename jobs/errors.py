@@ -47,8 +47,18 @@ class PublishError(KDError):
     """Writing a new adapter version failed; the previous version stays current."""
 
 
+class TransferError(PublishError):
+    """A version in Redis is missing, oversized, truncated or does not match its digests; nothing of
+    it was installed."""
+
+
 class SecurityError(KDError):
     """A payload tried to reach outside what the worker allows (paths, functions)."""
+
+
+class StateError(KDError):
+    """State in Redis or on disk that kd-daemon did not write (a key of the wrong type, a planted
+    entry): refused, never worked around; the message names it and how to clear it."""
 
 
 class JobCanceled(KDError):

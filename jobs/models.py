@@ -13,17 +13,22 @@ import hashlib
 import json
 import re
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
-from jobs.errors import ConfigError
+from jobs.errors import ConfigError, StateError
+from jobs.records import DataKind
 
 SCHEMA_VERSION = 1
 TASK_FUNC = "kd_worker.daemon.task.run_kd_job"
-ALLOWED_TASKS = frozenset({TASK_FUNC})
+# The entry point's name before the package split (kd-daemon 0.1): jobs already queued under it when
+# a worker is upgraded still run (kd_worker/task.py re-exports the one entry point).
+LEGACY_TASK_FUNCS = ("kd_worker.task.run_kd_job",)
+ALLOWED_TASKS = frozenset({TASK_FUNC, *LEGACY_TASK_FUNCS})
 DOMAINS = ("thinking", "task", "action", "reflection", "debug", "memory")
-PRIORITIES = ("high", "normal", "low")
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[Priority, ...] = get_args(Priority)
 
 _DOMAIN_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -53,24 +58,24 @@ class DataRef(BaseModel):
     """One JSONL file of records, stored as a blob in Redis under its sha256."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    kind: Literal["prompts", "corrections"]
+    kind: DataKind
     sha256: Sha256
-    records: Annotated[int, Field(ge=1)]
-    size: Annotated[int, Field(ge=1)]
+    records: Annotated[StrictInt, Field(ge=1)]
+    size: Annotated[StrictInt, Field(ge=1)]
     name: Annotated[str, Field(max_length=200)] = "data.jsonl"
 
 
 class KDJob(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    schema_version: int = SCHEMA_VERSION
+    schema_version: StrictInt = SCHEMA_VERSION  # "2" or 2.0 is not a version: no coercion
     domain: Domain
     data: Annotated[tuple[DataRef, ...], Field(min_length=1, max_length=8)]
     overrides: dict[str, Any] = Field(default_factory=dict)
     teacher: Annotated[str | None, AfterValidator(check_model_name)] = None
     student: Annotated[str | None, AfterValidator(check_model_name)] = None
-    priority: Literal[PRIORITIES] = "normal"
+    priority: Priority = "normal"
     submitter: Annotated[str, Field(max_length=100)] = "kd-client"
-    force_publish: bool = False
+    force_publish: StrictBool = False  # "yes" must not become True
     submitted_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
     def dedup_key(self) -> str:
@@ -90,7 +95,7 @@ def parse_job(payload: Any) -> KDJob:
     """Validate a payload from Redis; a newer schema or any bad field is a ConfigError."""
     if isinstance(payload, dict):
         version = payload.get("schema_version", SCHEMA_VERSION)
-        if isinstance(version, int) and version > SCHEMA_VERSION:
+        if type(version) is int and version > SCHEMA_VERSION:
             raise ConfigError(
                 f"job schema_version {version} is newer than this worker supports ({SCHEMA_VERSION}); "
                 "upgrade kd-daemon on the worker"
@@ -100,6 +105,26 @@ def parse_job(payload: Any) -> KDJob:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(p) for p in x['loc']) or 'job'}: {x['msg']}" for x in e.errors())
         raise ConfigError(f"invalid job payload: {problems}") from e
+
+
+class JobMeta(BaseModel):
+    """job.meta exactly as kd_client.queue.submit writes it (ticket, domain, submitter), plus the
+    progress the worker itself adds while the job runs. Anything else was not written by kd-daemon."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    ticket: Annotated[int, Field(ge=1)]
+    domain: Domain
+    submitter: Annotated[str, Field(max_length=100)]
+    progress: dict[str, Any] | None = None
+
+
+def parse_meta(meta: Any) -> JobMeta:
+    """Validate a job's meta from Redis; anything the client could not have written is a ConfigError."""
+    try:
+        return JobMeta.model_validate(meta)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in x['loc']) or 'meta'}: {x['msg']}" for x in e.errors())
+        raise ConfigError(f"invalid job meta: {problems}; submit through kd-client/KDClient") from e
 
 
 def queue_names(base: str) -> dict[str, str]:
@@ -128,7 +153,13 @@ def published_key(domain: str) -> str:
 
 
 def cancel_key(job_id: str) -> str:
+    """Holds the run id (`run_id`) a cancel applies to: a later submission of the job is not canceled."""
     return f"kd:cancel:{job_id}"
+
+
+def run_id(job_id: str, ticket: int) -> str:
+    """One submission of a job: names its run directory, and the run a cancel applies to."""
+    return f"{job_id}-{ticket}"
 
 
 def health_key(worker_name: str) -> str:
@@ -160,3 +191,56 @@ def corpus_meta_key(domain: str) -> str:
 def regression_key(domain: str) -> str:
     """Hash reservoir slot -> example key: the regression set of the domain's publish gate."""
     return f"kd:regression:{domain}"
+
+
+# Published versions in Redis (KD_PUBLISH_TO=redis|both; kd_client/mirror.py owns the layout). Files are
+# content-addressed blobs, shared by versions and domains, counted in kd:pub:refs and deleted at zero.
+PUB_CHANNEL = "kd:pub:changed"  # PUBLISH <domain> after every pointer move: consumers wake up
+PUB_DOMAINS_KEY = "kd:pub:domains"  # set of domains with a pointer
+PUB_REFS_KEY = "kd:pub:refs"  # hash blob sha256 -> retained versions that reference it
+
+
+def pub_blob_key(sha256: str) -> str:
+    """A chunk of a file (at most 4 MiB) or a manifest, under its own sha256."""
+    return f"kd:pub:blob:{sha256}"
+
+
+def pub_current_key(domain: str) -> str:
+    """JSON {"version", "manifest_sha256"}: the domain's current version, moved atomically."""
+    return f"kd:pub:current:{domain}"
+
+
+def pub_versions_key(domain: str) -> str:
+    """Hash version -> JSON record (manifest sha256, each file's chunks) of the retained versions."""
+    return f"kd:pub:versions:{domain}"
+
+
+def pub_seq_key(domain: str) -> str:
+    """Highest version number reserved for the domain: one numbering for every worker."""
+    return f"kd:pub:seq:{domain}"
+
+
+def pub_key_types(domain: str) -> dict[str, str]:
+    """The Redis type of each published-versions key of a domain (and the shared ones)."""
+    return {
+        pub_current_key(domain): "string",
+        pub_versions_key(domain): "hash",
+        pub_seq_key(domain): "string",
+        PUB_DOMAINS_KEY: "set",
+        PUB_REFS_KEY: "hash",
+    }
+
+
+def domain_key_types(domain: str) -> dict[str, str]:
+    """The Redis type (as TYPE reports it) of each key kd-daemon keeps for a domain ("none": absent)."""
+    return {seq_key(domain): "string", active_key(domain): "zset", published_key(domain): "string"}
+
+
+def check_key_types(found: dict[str, str], expected: dict[str, str]) -> None:
+    """StateError naming every key whose type (from Redis TYPE) is not what kd-daemon writes there."""
+    wrong = {k: t for k, t in found.items() if t not in ("none", expected[k])}
+    if wrong:
+        listed = ", ".join(f"{k} holds a {t}, not a {expected[k]}" for k, t in wrong.items())
+        raise StateError(
+            f"Redis key {listed}: kd-daemon did not write it; delete it (redis-cli DEL {' '.join(wrong)}) and retry"
+        )

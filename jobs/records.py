@@ -11,13 +11,25 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from jobs import jsonsafe
 from jobs.errors import DataError
 
 MAX_RECORD_CHARS = 200_000  # one prompt of ~50k tokens; beyond that it is a mistake, not data
+
+DataKind = Literal["prompts", "corrections"]
+DATA_KINDS: tuple[DataKind, ...] = get_args(DataKind)
+
+
+def data_kind(value: str) -> DataKind:
+    """A dataset kind read back from a file or an argument: one of DATA_KINDS, else a DataError."""
+    for kind in DATA_KINDS:
+        if value == kind:
+            return kind
+    raise DataError(f"data kind {value!r} is not one of {', '.join(DATA_KINDS)}")
 
 
 class Message(BaseModel):
@@ -73,7 +85,7 @@ def example_key(prompt: Sequence[dict[str, str]], response: str | None) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def parse_record(obj: Any, kind: Literal["prompts", "corrections"], where: str) -> Record:
+def parse_record(obj: Any, kind: DataKind, where: str) -> Record:
     try:
         rec = Record.model_validate(obj)
     except ValidationError as e:
@@ -90,7 +102,7 @@ def parse_record(obj: Any, kind: Literal["prompts", "corrections"], where: str) 
     return rec
 
 
-def iter_jsonl(lines: Iterable[bytes], kind: Literal["prompts", "corrections"], name: str) -> Iterator[Record]:
+def iter_jsonl(lines: Iterable[bytes], kind: DataKind, name: str) -> Iterator[Record]:
     """Parse and validate JSONL lines; the first bad line raises a DataError naming it."""
     for n, raw in enumerate(lines, start=1):
         where = f"{name} line {n}"
@@ -101,13 +113,15 @@ def iter_jsonl(lines: Iterable[bytes], kind: Literal["prompts", "corrections"], 
         if not text.strip():
             continue
         try:
-            obj = json.loads(text)
+            obj = jsonsafe.loads(text)
+        except jsonsafe.TooDeep as e:
+            raise DataError(f"{where}: {e}; records are flat objects") from e
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
         yield parse_record(obj, kind, where)
 
 
-def read_records(data: bytes, kind: Literal["prompts", "corrections"], name: str) -> list[Record]:
+def read_records(data: bytes, kind: DataKind, name: str) -> list[Record]:
     records = list(iter_jsonl(data.splitlines(), kind, name))
     if not records:
         raise DataError(f"{name}: no records (the file is empty); give at least one JSON line")

@@ -1,5 +1,6 @@
-"""kd-daemon's producer side: the `kd-client` CLI, EGO's enqueue API (`KDClient`) and the
-cortex watcher. Never imports `kd_worker` or mlx (kd_client.hotswap imports mlx on use only)."""
+"""kd-daemon's producer side: the `kd-client` CLI, EGO's enqueue API (`KDClient`), the cortex
+watcher and `kd-client serve`. Never imports `kd_worker`; mlx only on use (kd_client.hotswap,
+kd_client.neurons and kd_client.promptcache import it inside functions)."""
 
 from kd_client.api import KDClient, Receipt
 

@@ -23,15 +23,16 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import redis
 import structlog
 
-from jobs.errors import ConfigError, DataError, KDError
+from jobs import durable
+from jobs.errors import ConfigError, DataError, KDError, StateError
 from jobs.models import check_domain
 from jobs.publisher import locked, write_json_atomic
-from jobs.records import Record, dump_records, parse_record
+from jobs.records import DataKind, Record, data_kind, dump_records, parse_record
 from jobs.settings import load_settings
 from kd_client import queue as Q
 from kd_client.settings import ClientSettings
@@ -78,7 +79,8 @@ class KDClient:
     ) -> Receipt:
         """One job now (or spooled): records are validated before anything is accepted."""
         _domain(domain)
-        parts = [(k, _validated(recs, k)) for k, recs in (("prompts", prompts), ("corrections", corrections)) if recs]
+        given: tuple[tuple[DataKind, Iterable[dict] | None], ...] = (("prompts", prompts), ("corrections", corrections))
+        parts = [(k, _validated(recs, k)) for k, recs in given if recs]
         if not parts:
             raise DataError("give prompts and/or corrections")
         entry = {
@@ -106,7 +108,7 @@ class KDClient:
             with open(acc, "ab") as f:
                 f.write(dump_records(valid))
                 f.flush()
-                os.fsync(f.fileno())
+                durable.fsync(f.fileno())
             since = self.spool / "accum" / f"{domain}.since"
             if not since.exists():
                 since.write_text(str(time.time()))
@@ -133,6 +135,12 @@ class KDClient:
                 continue
             try:
                 sub = self._deliver_one(path, (built or {}).get(path.name))
+            except StateError as e:  # a Redis key kd-daemon did not write: kept until someone clears it
+                self._down_until = time.monotonic() + self.settings.retry_backoff_s
+                log.error("kd_redis_state_refused", error=str(e), spooled=str(path))
+                if built and path.name in built:  # the caller's own submission: say why it is not queued
+                    raise StateError(f"{e}; the submission stays in {path} (kd-client flush delivers it)") from e
+                break
             except redis.RedisError as e:  # refused, timed out, auth, not-a-Redis: keep it spooled
                 self._down_until = time.monotonic() + self.settings.retry_backoff_s
                 self._conn = self._given
@@ -210,7 +218,7 @@ class KDClient:
         return job, datasets
 
     def _dataset(self, d: dict[str, str]) -> Q.Dataset:
-        return Q.prepare_dataset(d["kind"], d["data"].encode(), d["name"], self.settings.max_data_bytes)
+        return Q.prepare_dataset(data_kind(d["kind"]), d["data"].encode(), d["name"], self.settings.max_data_bytes)
 
     def _connection(self) -> redis.Redis:
         if self._conn is None:
@@ -225,7 +233,7 @@ def _domain(domain: str) -> None:
         raise ConfigError(str(e)) from e
 
 
-def _validated(records: Iterable[dict], kind: Literal["prompts", "corrections"]) -> list[Record]:
+def _validated(records: Iterable[dict], kind: DataKind) -> list[Record]:
     out = [parse_record(r, kind, f"{kind} record {i}") for i, r in enumerate(records, start=1)]
     if not out:
         raise DataError(f"no {kind} records given")

@@ -1,5 +1,6 @@
 """`kd-client`: submit distillation jobs and follow them. Talks to Redis only (and reads the
-local adapters directory for `summary`, `rollback`, `follow`); never imports the worker."""
+local adapters directory for `summary`, `rollback`, `follow`, `serve`; `sync` writes it from
+Redis); never imports the worker."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Any
 from jobs.config import parse_overrides
 from jobs.errors import KDError
 from jobs.models import DOMAINS, PRIORITIES
-from jobs.records import read_records
+from jobs.records import DataKind, read_records
+from kd_client.queue import check_data_size
 
 EXIT_OK, EXIT_FAILED, EXIT_NOT_PUBLISHED, EXIT_STOPPED, EXIT_SPOOLED, EXIT_CONFIG = 0, 1, 3, 4, 75, 78
 FINAL = {"finished", "failed", "stopped", "canceled"}
@@ -31,12 +33,15 @@ def exit_code(row: dict[str, Any]) -> int:
     return EXIT_OK
 
 
-def _records(path: str, kind: str) -> list[dict]:
+def _records(path: str, kind: DataKind, max_bytes: int | None = None) -> list[dict]:
+    """The records of a JSONL file; the size limit applies to the file as given (padding counts)."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise KDError(f"cannot read {path}: {e.strerror}") from e
-    return [r.model_dump(exclude_none=True) for r in read_records(data, kind, Path(path).name)]  # type: ignore[arg-type]
+    if max_bytes is not None:
+        check_data_size(data, path, max_bytes)
+    return [r.model_dump(exclude_none=True) for r in read_records(data, kind, Path(path).name)]
 
 
 def _sample(domain: str) -> str:
@@ -51,8 +56,9 @@ def cmd_submit(args, settings) -> int:
     if not args.all_domains and not args.domain:
         raise KDError("give --domain D (or --all-domains)")
     overrides = parse_overrides(args.set or [])
-    given = [r for f in args.prompts or [] for r in _records(f, "prompts")]  # read once, not per domain
-    corrections = [r for f in args.corrections or [] for r in _records(f, "corrections")]
+    limit = settings.max_data_bytes
+    given = [r for f in args.prompts or [] for r in _records(f, "prompts", limit)]  # read once, not per domain
+    corrections = [r for f in args.corrections or [] for r in _records(f, "corrections", limit)]
     code, receipts = EXIT_OK, []
     for domain in domains:
         prompts = given or (_records(_sample(domain), "prompts") if args.all_domains else [])
@@ -226,10 +232,57 @@ def cmd_summary(args, settings) -> int:
 
 
 def cmd_rollback(args, settings) -> int:
+    """Local versions (KD_PUBLISH_TO=local), or the pointer in Redis that every consumer follows (redis,
+    both, or a consumer with KD_ADAPTERS_SOURCE=redis), then this machine's directory from it."""
     from jobs.publisher import rollback
 
-    v = rollback(settings.adapters_dir, args.domain, args.to)
-    print(f"{args.domain}: current is now v{v.number} ({v.path})")
+    if settings.publish_to == "local" and settings.adapters_source == "local":
+        v = rollback(settings.adapters_dir, args.domain, args.to)
+        print(f"{args.domain}: current is now v{v.number} ({v.path})")
+        return EXIT_OK
+    from kd_client import mirror
+    from kd_client.queue import connect
+
+    conn = connect(settings)
+    was, now = mirror.move_pointer(conn, args.domain, args.to)
+    print(f"{args.domain}: current in Redis is now v{now} (was v{was}); every consumer follows")
+    if settings.publish_to != "redis":  # this machine's adapters_dir follows at once
+        result = mirror.sync_domain(
+            conn, settings.adapters_dir, args.domain, settings.keep_versions, settings.max_adapter_bytes
+        )
+        print(mirror.describe(result))
+    return EXIT_OK
+
+
+def cmd_sync(args, settings) -> int:
+    """Mirror the versions published in Redis into a local adapters directory (once, or --follow)."""
+    import signal
+    import threading
+
+    from kd_client import mirror
+
+    root = Path(args.adapters) if args.adapters else settings.adapters_dir
+    m = mirror.Mirror.from_settings(settings, root, args.domains)
+    if not args.follow:
+        results = m.sync_once()
+        for r in results:
+            print(mirror.describe(r))
+        if not results:
+            print("nothing is published in Redis")
+        return EXIT_FAILED if any(r.action == "failed" for r in results) else EXIT_OK
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    shown: dict[str, tuple[bool, int | None, str | None]] = {}
+
+    def report(results: list[mirror.SyncResult]) -> None:
+        for r in results:
+            key = (r.action == "failed", r.version, r.error)  # each change once, not once per pass
+            if shown.get(r.domain) != key:
+                shown[r.domain] = key
+                print(mirror.describe(r), flush=True)
+
+    m.follow(stop, report)
     return EXIT_OK
 
 
@@ -247,7 +300,9 @@ def cmd_flush(args, settings) -> int:
 def cmd_follow(args, settings) -> int:
     """Reference cortex consumer: hold a model, hot-swap each published adapter, answer a prompt."""
     from kd_client.follow import describe, follow
+    from kd_client.mirror import Mirror
 
+    from_redis = settings.adapters_source == "redis"
     try:
         follow(
             settings.adapters_dir,
@@ -258,9 +313,33 @@ def cmd_follow(args, settings) -> int:
             force_polling=args.poll or None,
             max_swaps=args.max_swaps,
             on_event=lambda e: print(describe(e), flush=True),
+            mirror=Mirror.from_settings(settings, settings.adapters_dir, [args.domain]) if from_redis else None,
         )
     except KeyboardInterrupt:
         pass
+    return EXIT_OK
+
+
+def cmd_serve(args, settings) -> int:
+    """The OpenAI-compatible endpoint of the neurons (kd_client/serve.py), until SIGINT/SIGTERM."""
+    import logging
+
+    import structlog
+
+    from jobs.errors import ConfigError
+    from kd_client.serve import serve
+
+    renderer = structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"), renderer],
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    )
+    try:
+        serve(args.model, args.adapters or str(settings.adapters_dir), args.host, args.port, settings)
+    except ConfigError as e:
+        print(f"kd-client serve: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_OK
 
 
@@ -322,10 +401,30 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--json", action="store_true")
     sm.set_defaults(func=cmd_summary)
 
-    rb = sub.add_parser("rollback", help="point a domain back at an earlier published version")
+    rb = sub.add_parser(
+        "rollback",
+        help="point a domain back at an earlier published version",
+        description="Moves adapters_dir's `current` (KD_PUBLISH_TO=local), or the domain's pointer in Redis that "
+        "every `kd-client sync` follows (KD_PUBLISH_TO=redis|both, or KD_ADAPTERS_SOURCE=redis), then this "
+        "machine's adapters_dir from it (not with KD_PUBLISH_TO=redis).",
+    )
     rb.add_argument("--domain", required=True)
     rb.add_argument("--to", type=int, help="version number (default: the one before the current)")
     rb.set_defaults(func=cmd_rollback)
+
+    sy = sub.add_parser(
+        "sync",
+        help="mirror the adapter versions published in Redis into a local adapters directory",
+        description="Installs each domain's current version from Redis (workers with KD_PUBLISH_TO=redis|both push "
+        "them) into the publisher's layout: staged, every file checked against the manifest the pointer names, "
+        "renamed into versions/NNNN with the source's number, then `current` swapped. A version held already is "
+        "pointed to (a rollback). A corrupt or partial transfer is never installed. --follow wakes on each "
+        "publish (Redis pub/sub) and re-reads the pointers every KD_SYNC_POLL_S seconds.",
+    )
+    sy.add_argument("--adapters", help="the local adapters directory (default: KD_ADAPTERS_DIR, adapters_kd)")
+    sy.add_argument("--domains", nargs="+", metavar="DOMAIN", help="only these domains (default: every published one)")
+    sy.add_argument("--follow", action="store_true", help="keep mirroring until SIGINT/SIGTERM")
+    sy.set_defaults(func=cmd_sync)
 
     from kd_client.cli_data import add_data_parser  # kd-client data: the domain corpus
 
@@ -345,6 +444,19 @@ def build_parser() -> argparse.ArgumentParser:
     fo.add_argument("--poll", action="store_true", help="force polling (network filesystems)")
     fo.add_argument("--max-swaps", type=int, help="exit after this many swaps")
     fo.set_defaults(func=cmd_follow)
+
+    sv = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible endpoint: one resident student base, every published domain's adapter, hot-reloaded",
+        description="POST /v1/chat/completions and /v1/completions (model = a domain or 'base'), GET /v1/models, "
+        "GET /health. Each response names the adapter version it came from (header X-KD-Adapter, field kd). "
+        "Binding beyond loopback requires KD_SERVE_API_KEY (sent as 'Authorization: Bearer ...').",
+    )
+    sv.add_argument("--model", required=True, help="the student base model directory (the adapters' base)")
+    sv.add_argument("--adapters", help="the published adapters directory (default: KD_ADAPTERS_DIR, adapters_kd)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -102,7 +102,7 @@ def read_adapter(path: Path | str) -> Adapter:
     return Adapter(path, config, weights)
 
 
-def _wrapper_types() -> tuple[type, ...]:
+def _wrapper_types() -> tuple[type[nn.Module], ...]:
     from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
     from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 
@@ -190,15 +190,22 @@ class AdapterSlot:
         log.info("adapter_swapped", path=str(path), seconds=result.seconds, restructured=result.restructured)
         return result
 
+    def install(self, adapter: Adapter | None) -> SwapResult:
+        """Switch to an adapter already read (and verified) by `read_adapter`, or to the bare base
+        (None): no disk I/O, so a server can hold every domain's adapter and switch in place."""
+        return self._switch(adapter, time.perf_counter())
+
     def revert(self) -> SwapResult:
         """Back to the adapter that was active before the last successful `apply` (from memory)."""
         if self.previous is None:
             raise AdapterSwapError("no previous adapter to return to (nothing was applied over another one)")
         return self._switch(self.previous, time.perf_counter())
 
-    def _switch(self, new: Adapter, t0: float) -> SwapResult:
+    def _switch(self, new: Adapter | None, t0: float) -> SwapResult:
         old = self._snapshot()
-        restructure = old is None or old.structure != new.structure
+        if old is None and new is None:
+            return SwapResult(None, time.perf_counter() - t0, False, 0)
+        restructure = old is None or new is None or old.structure != new.structure
         try:
             self._install(new, restructure)
         except Exception as e:  # noqa: BLE001 - whatever failed, the old adapter goes back first
@@ -206,21 +213,29 @@ class AdapterSlot:
             if isinstance(e, AdapterSwapError):
                 raise
             raise AdapterSwapError(
-                f"applying {new.path} failed ({type(e).__name__}: {e}); kept {self._name(old)}"
+                f"applying {self._name(new)} failed ({type(e).__name__}: {e}); kept {self._name(old)}"
             ) from e
         self.previous, self.current = old, new
-        return SwapResult(new.path, time.perf_counter() - t0, restructure, len(new.weights))
+        return SwapResult(
+            None if new is None else new.path,
+            time.perf_counter() - t0,
+            restructure,
+            0 if new is None else len(new.weights),
+        )
 
     def _snapshot(self) -> Adapter | None:
         if self.current is None:
             return None
         return Adapter(self.current.path, self.current.config, module_arrays(self._modules))
 
-    def _install(self, adapter: Adapter, restructure: bool) -> None:
+    def _install(self, adapter: Adapter | None, restructure: bool) -> None:
         if restructure:
             strip_adapters(self.model)
-            wrap_adapters(self.model, adapter.config)
+            if adapter is not None:
+                wrap_adapters(self.model, adapter.config)
             self._modules = lora_modules(self.model)
+        if adapter is None:
+            return
         check_weights(adapter.weights, module_arrays(self._modules), adapter.path)
         assign(self._modules, adapter.weights)  # arrays evaluated by read_adapter: nothing lazy left
 

@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import redis
 from rq import Queue, Retry
@@ -28,7 +28,7 @@ from rq.registry import (
 from rq.serializers import JSONSerializer
 
 from jobs.config import resolve_config
-from jobs.errors import DataError, KDError
+from jobs.errors import DataError, KDError, StateError
 from jobs.models import (
     TASK_FUNC,
     DataRef,
@@ -36,12 +36,15 @@ from jobs.models import (
     active_key,
     blob_key,
     cancel_key,
+    check_key_types,
+    domain_key_types,
     health_key,
     parse_job,
     queue_names,
+    run_id,
     seq_key,
 )
-from jobs.records import read_records
+from jobs.records import DataKind, read_records
 from kd_client.settings import ClientSettings
 
 RESTARTABLE = {JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
@@ -49,7 +52,7 @@ RESTARTABLE = {JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
 
 @dataclass(frozen=True)
 class Dataset:
-    kind: Literal["prompts", "corrections"]
+    kind: DataKind
     data: bytes
     name: str
     records: int
@@ -66,10 +69,15 @@ class Submitted:
     ticket: int | None = None
 
 
-def prepare_dataset(kind: Literal["prompts", "corrections"], data: bytes, name: str, max_bytes: int) -> Dataset:
-    """Validate every record now, so a bad file fails at the producer, not hours later."""
+def check_data_size(data: bytes, name: str, max_bytes: int) -> None:
+    """The limit applies to the bytes as given: blank lines and padding count."""
     if len(data) > max_bytes:
         raise DataError(f"{name}: {len(data):,} bytes exceeds KD_MAX_DATA_BYTES={max_bytes:,}; split the data")
+
+
+def prepare_dataset(kind: DataKind, data: bytes, name: str, max_bytes: int) -> Dataset:
+    """Validate every record now, so a bad file fails at the producer, not hours later."""
+    check_data_size(data, name, max_bytes)
     return Dataset(kind, data, name, len(read_records(data, kind, name)))
 
 
@@ -95,10 +103,36 @@ def fetch(conn: redis.Redis, job_id: str) -> Job | None:
         return Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
     except NoSuchJobError:
         return None
+    except (ValueError, TypeError, KeyError) as e:  # rq cannot read it; a worker refuses it when it pops it
+        raise StateError(
+            f"job {job_id} in Redis is not readable ({type(e).__name__}: {e}): kd-client did not write it"
+        ) from e
+
+
+def check_state(conn: redis.Redis, domain: str, datasets: Sequence[Dataset]) -> None:
+    """StateError naming any key of the domain or the data that holds a type kd-daemon never writes
+    (a raw WRONGTYPE from Redis says neither which key nor what to do)."""
+    expected = {**domain_key_types(domain), **{blob_key(d.sha256): "string" for d in datasets}}
+    with conn.pipeline(transaction=False) as pipe:
+        for key in expected:
+            pipe.type(key)
+        found = [t.decode() if isinstance(t, bytes) else str(t) for t in pipe.execute()]
+    check_key_types(dict(zip(expected, found, strict=True)), expected)
 
 
 def submit(conn: redis.Redis, settings: ClientSettings, job: KDJob, datasets: Sequence[Dataset]) -> Submitted:
     """Enqueue once: the same domain + data + settings + models returns the existing job."""
+    check_state(conn, job.domain, datasets)
+    try:
+        return _submit(conn, settings, job, datasets)
+    except redis.ResponseError as e:
+        if "WRONGTYPE" not in str(e):
+            raise
+        check_state(conn, job.domain, datasets)  # names the key that changed type meanwhile
+        raise StateError(f"a Redis key of this submission changed type: {e}") from e
+
+
+def _submit(conn: redis.Redis, settings: ClientSettings, job: KDJob, datasets: Sequence[Dataset]) -> Submitted:
     job_id = job.dedup_key()
     existing = fetch(conn, job_id)
     if existing is not None:
@@ -199,7 +233,9 @@ def cancel(conn: redis.Redis, job_id: str) -> str:
         job.cancel()
         return "canceled"
     if status == JobStatus.STARTED:
-        conn.set(cancel_key(job_id), "1", ex=24 * 3600)  # seen by the job even if pubsub is missed
+        ticket = job.meta.get("ticket")
+        run = run_id(job_id, ticket if type(ticket) is int else 0)
+        conn.set(cancel_key(job_id), run, ex=24 * 3600)  # this run only; seen by the job even if pubsub is missed
         try:
             send_stop_job_command(conn, job_id, serializer=JSONSerializer)
         except InvalidJobOperation:

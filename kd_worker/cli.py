@@ -14,9 +14,10 @@ from typing import Any
 import structlog
 
 from jobs.errors import ConfigError, KDError
+from jobs.records import DataKind
 from kd_worker.ops.blas import ensure_fast_blas
 from kd_worker.ops.logs import configure_logging
-from kd_worker.settings import WorkerSettings, load_settings, require_model_dir
+from kd_worker.settings import WorkerSettings, load_settings, require_model_dir, work_dir_alone
 
 log = structlog.get_logger(__name__)
 
@@ -71,11 +72,13 @@ def cmd_distill(args: argparse.Namespace, settings: WorkerSettings, blas) -> int
     from jobs.config import parse_overrides, resolve_config
     from kd_worker.daemon.lifecycle import run_job
     from kd_worker.daemon.runtime import Runtime
-    from kd_worker.engine.types import DataKind, DistillRequest
+    from kd_worker.engine.types import DistillRequest
     from kd_worker.ops.console import ConsoleProgress
 
-    if args.out:
-        settings = settings.model_copy(update={"adapters_dir": Path(args.out)})
+    # one job in this process: it publishes into KD_ADAPTERS_DIR (or --out), never to Redis (`kd-worker run` does)
+    settings = settings.model_copy(
+        update={"publish_to": "local", **({"adapters_dir": Path(args.out)} if args.out else {})}
+    )
     overrides = parse_overrides(args.set or [])
     cfg = resolve_config(settings.kd_defaults, overrides)  # fails fast on a bad --set, before any model loads
     kinds: list[tuple[DataKind, list[str]]] = [("prompts", args.prompts or []), ("corrections", args.corrections or [])]
@@ -123,14 +126,46 @@ def print_outcome(outcome: dict[str, Any], as_json: bool) -> None:
 
 def cmd_run(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
     """The daemon. Exit codes (the service restart rule): 0 after a requested stop (SIGTERM/SIGINT)
-    or when --burst/--max-jobs are done, 1 when the work loop ends otherwise, 78 on a bad configuration."""
+    or when --burst/--max-jobs are done, 1 when the work loop ends otherwise, 78 (or --config-error-exit)
+    on a bad configuration. Why it stopped is recorded in the work dir (`kd-worker service status`)."""
     from kd_worker.daemon.serve import serve
+    from kd_worker.ops import runstate
+    from kd_worker.ops.logrotate import LogRotator
 
+    runstate.record(settings.work_dir, runstate.RUNNING, "kd-worker run started")
+    rotator = LogRotator().start()  # launchd's log files; a no-op on a journal socket or a TTY
     try:
-        return serve(settings, blas.library, burst=args.burst, max_jobs=args.max_jobs)
+        code = serve(settings, blas.library, burst=args.burst, max_jobs=args.max_jobs)
     except ConfigError as e:
-        print(f"kd-worker run: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return config_exit(settings.work_dir, e, args.config_error_exit)
+    except Exception as e:
+        runstate.record(settings.work_dir, runstate.FAILED, f"{type(e).__name__}: {e}", EXIT_ERROR)
+        raise
+    finally:
+        rotator.stop()
+    if code == EXIT_OK:
+        runstate.record(settings.work_dir, runstate.STOPPED, "requested stop (SIGTERM/SIGINT) or its jobs done", code)
+    else:
+        runstate.record(settings.work_dir, runstate.FAILED, "the work loop ended unexpectedly", code)
+    return code
+
+
+def config_exit(work_dir: Path, error: KDError, code: int) -> int:
+    """A configuration error ends `kd-worker run`: say why (stderr, the log, the run-state record), then exit
+    with `code` (78 = EX_CONFIG; a supervisor must not restart it until the configuration is fixed)."""
+    from kd_worker.ops import runstate
+
+    print(f"kd-worker run: {error}", file=sys.stderr)
+    log.error("configuration_error", error=str(error), exit_code=code)
+    runstate.record(work_dir, runstate.CONFIG_ERROR, str(error), code)
+    return code
+
+
+def _exit_status(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 255:
+        raise argparse.ArgumentTypeError(f"{value} is not an exit status (0-255)")
+    return value
 
 
 def cmd_demo(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
@@ -172,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="the daemon: load the teacher once, then train jobs from the Redis queue")
     r.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     r.add_argument("--max-jobs", type=int, help="exit after this many jobs")
+    r.add_argument(
+        "--config-error-exit",
+        type=_exit_status,
+        default=EXIT_CONFIG,
+        metavar="CODE",
+        help="exit status after a configuration error (default 78, which systemd's RestartPreventExitStatus "
+        "exempts from restarts; the launchd agent passes 0, as launchd restarts every other non-zero exit)",
+    )
     r.set_defaults(func=cmd_run)
 
     dm = sub.add_parser("demo", help="build tiny models, start Redis + a worker, distil `memory`, show the result")
@@ -196,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
     except KDError as e:
+        if args.command == "run":  # the daemon records why it stopped, as for any configuration error
+            configure_logging()
+            return config_exit(work_dir_alone(), e, args.config_error_exit)
         print(f"kd-worker: {e}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(settings.log_format, settings.log_level)

@@ -6,15 +6,20 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jobs.errors import ConfigError
 from jobs.settings import QueueSettings
 from jobs.settings import load_settings as load_queue_settings
 
+# The shipped SIGTERM -> SIGKILL time of the service (launchd ExitTimeOut, systemd TimeoutStopSec), the default
+# of KD_SHUTDOWN_GRACE. The one place to change it: the service templates are rendered from the setting.
+SHUTDOWN_GRACE_S = 60
 
-def _default_work_dir() -> Path:
-    return Path.home() / ".cache" / "kd-daemon"
+
+def default_work_dir(home: Path | None = None) -> Path:
+    return (home or Path.home()) / ".cache" / "kd-daemon"
 
 
 class WorkerSettings(QueueSettings):
@@ -24,7 +29,7 @@ class WorkerSettings(QueueSettings):
     student: Path | None = None  # default student base model directory
     models_root: Path | None = None  # jobs may name a model directory under this root
     adapters_dir: Path = Path("adapters_kd")  # published adapters (the cortex watches this)
-    work_dir: Path = Field(default_factory=_default_work_dir)  # target cache, checkpoints, data
+    work_dir: Path = Field(default_factory=lambda: default_work_dir())  # target cache, checkpoints, data
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -36,9 +41,8 @@ class WorkerSettings(QueueSettings):
     heartbeat_interval: float = 5.0  # seconds between heartbeats (health key, and the running job's registry entry)
     # Seconds launchd/systemd wait after SIGTERM before SIGKILL (ExitTimeOut / TimeoutStopSec):
     # time to checkpoint the running job at its next training step and requeue it.
-    shutdown_grace: int = Field(default=60, ge=5, le=3600)
+    shutdown_grace: int = Field(default=SHUTDOWN_GRACE_S, ge=5, le=3600)
     lost_job_grace: float = Field(default=60.0, gt=0)  # a "queued" job in no queue this long is requeued
-    keep_versions: int = Field(default=5, ge=1)  # published versions kept per domain
     kd_defaults: dict[str, Any] = Field(default_factory=dict)  # KDConfig defaults, JSON
     max_examples: int = Field(default=20_000, ge=1)
     # Bytes of MLX memory (resident models included) a job may reach; checked between batches
@@ -61,10 +65,30 @@ class WorkerSettings(QueueSettings):
             raise ValueError(f"KD_WORKER_NAME={v!r}: use 1-100 characters without spaces")
         return v
 
+    @property
+    def publish_root(self) -> Path:
+        """Where this worker publishes: KD_ADAPTERS_DIR, or with KD_PUBLISH_TO=redis a copy of its own
+        (the gate's reference and the source of the push) that no consumer reads."""
+        return self.work_dir / "published" if self.publish_to == "redis" else self.adapters_dir
+
 
 def load_settings(**overrides: Any) -> WorkerSettings:
     """Build WorkerSettings; a bad variable becomes a ConfigError that names what to set."""
     return load_queue_settings(WorkerSettings, **overrides)
+
+
+class _WorkDirOnly(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KD_", extra="ignore")
+    work_dir: Path = Field(default_factory=lambda: default_work_dir())
+
+
+def work_dir_alone() -> Path:
+    """KD_WORK_DIR read on its own: where `kd-worker run` records why it stopped when another setting is
+    invalid (so WorkerSettings cannot be built)."""
+    try:
+        return _WorkDirOnly().work_dir.expanduser()
+    except ValidationError:
+        return default_work_dir()
 
 
 def require_model_dir(path: Path | None, var: str) -> Path:

@@ -218,6 +218,7 @@ def distill(
     progress: Callable | None = None,
     should_stop: Callable | None = None,
     publish_guard: Callable = contextlib.nullcontext,
+    remote: Any = None,
     corpus: Any = None,
     submitter: str = "kd-worker",
 ) -> dict[str, Any]:
@@ -252,7 +253,9 @@ def distill(
         submitter=submitter,
     )
     cfg = resolve_config(s.kd_defaults, overrides or {})
-    return run_job(req, cfg, runtime or Runtime(s), s, TestHooks(), publish_guard, reuse_outcome, corpus)
+    return run_job(
+        req, cfg, runtime or Runtime(s), s, TestHooks(), publish_guard, reuse_outcome, remote=remote, corpus=corpus
+    )
 
 
 class WorkerProcess:
@@ -318,3 +321,87 @@ class WorkerProcess:
 
 def kd_client(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([venv_bin("kd-client"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# --- `kd-client serve` as a real process -------------------------------------------------------------
+def preload_blas(env: dict[str, str]) -> dict[str, str]:
+    """kd-client never imports the worker's BLAS loader: hand the child OpenBLAS as LD_PRELOAD."""
+    from kd_worker.ops.blas import ensure_fast_blas
+
+    lib = ensure_fast_blas().library
+    return {**env, "LD_PRELOAD": lib} if lib and "openblas" in lib.lower() else env
+
+
+class ServeProcess:
+    """`kd-client serve` on a free loopback port; JSON over http.client, SSE read event by event."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, model: Path, adapters: Path, host: str = "127.0.0.1"):
+        self.env, self.log_path, self.model, self.adapters, self.host = env, Path(log_path), model, adapters, host
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def args(self) -> list[str]:
+        return [venv_bin("kd-client"), "serve", "--model", str(self.model), "--adapters", str(self.adapters),
+                "--host", self.host, "--port", str(self.port)]  # fmt: skip
+
+    def start(self, timeout: float = 120, headers: dict[str, str] | None = None) -> "ServeProcess":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args(), env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"kd-client serve exited ({self.proc.returncode}):\n{self.log_text()[-3000:]}")
+            try:
+                return self.request("GET", "/health", headers=headers, timeout=2)[0] == 200
+            except OSError:
+                return False
+
+        wait_for(up, timeout, interval=0.1, what=f"kd-client serve on port {self.port}")
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def connect(self, timeout: float = 120):
+        import http.client
+
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 120
+    ) -> tuple[int, dict[str, str], Any]:
+        """(status, headers, parsed JSON body); `body` bytes are sent as they are."""
+        conn = self.connect(timeout)
+        try:
+            data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+            resp = conn.getresponse()
+            raw = resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, json.loads(raw) if raw else None
+        finally:
+            conn.close()
+
+    def health(self) -> dict[str, Any]:
+        return self.request("GET", "/health")[2]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        if hasattr(self, "_log"):
+            self._log.close()
+
+
+def sse_events(resp) -> Any:
+    """The JSON payloads of an SSE response (http.client), up to `data: [DONE]`."""
+    for line in resp:
+        line = line.decode().strip()
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            return
+        yield json.loads(line[len("data: ") :])

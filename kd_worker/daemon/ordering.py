@@ -19,14 +19,18 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from typing import cast
 
 import structlog
 from redis import Redis, RedisError
 from redis.exceptions import LockError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.utils import as_text
 
+from jobs.errors import StateError
 from jobs.models import active_key, health_key, published_key
+from kd_worker.daemon.contract import ContractJob, JobRefused
 from kd_worker.engine.hooks import Hooks, check_stop
 
 log = structlog.get_logger(__name__)
@@ -35,10 +39,22 @@ SETTLED = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CA
 
 
 def _fetch(conn: Redis, job_id: str) -> Job | None:
+    """Another job of the domain, read through the job contract: one that kd-client could not have
+    written counts as gone (its worker refuses it), so it cannot hold up the domain."""
     try:
-        return Job.fetch(job_id, connection=conn, serializer="json")
+        return ContractJob.fetch(job_id, connection=conn, serializer="json")
     except NoSuchJobError:
         return None
+    except JobRefused as e:
+        log.warning("unreadable_job_ignored", job_id=job_id, error=str(e.error))
+        return None
+
+
+def newest_published(conn: Redis, domain: str) -> int:
+    raw = conn.get(published_key(domain)) or b"0"
+    if not raw.isdigit():
+        raise StateError(f"Redis key {published_key(domain)} holds {raw[:40]!r}, not a ticket; delete it")
+    return int(raw)
 
 
 def is_running(conn: Redis, job: Job) -> bool:
@@ -52,7 +68,8 @@ def is_running(conn: Redis, job: Job) -> bool:
 def running_earlier(conn: Redis, domain: str, ticket: int) -> list[str]:
     """Earlier tickets still running; settled or vanished entries are dropped on the way."""
     running = []
-    for raw, _ in conn.zrangebyscore(active_key(domain), "-inf", ticket - 1, withscores=True):
+    # members only (no scores) of a bytes connection; redis-py types a range for every option at once
+    for raw in cast("list[bytes]", conn.zrangebyscore(active_key(domain), "-inf", ticket - 1)):
         jid = raw.decode()
         job = _fetch(conn, jid)
         if job is None or job.get_status(refresh=False) in SETTLED:
@@ -87,9 +104,9 @@ def acquire_publish_lock(conn: Redis, domain: str, job_id: str, hooks: Hooks, po
     lock = conn.lock(publish_lock_key(domain), timeout=lock_timeout_s)
     while not lock.acquire(blocking=False, token=job_id):
         raw = conn.get(lock.name)
-        if raw is not None and holder_is_dead(conn, raw.decode(), job_id):
+        if raw is not None and holder_is_dead(conn, as_text(raw), job_id):
             if conn.eval(_DELETE_IF, 1, lock.name, raw):
-                log.warning("stale_publish_lock_broken", domain=domain, holder=raw.decode())
+                log.warning("stale_publish_lock_broken", domain=domain, holder=as_text(raw))
             continue
         _stop_waiting(hooks, f"the publish lock of {domain}")
         time.sleep(poll_s)  # another worker is publishing this domain: a poll interval, not a guess
@@ -116,7 +133,7 @@ def in_order(
         time.sleep(poll_s)  # waiting on other workers' jobs: a poll interval, not a guessed duration
     lock = acquire_publish_lock(conn, domain, job_id, hooks, poll_s, lock_timeout_s)
     try:
-        newest = int(conn.get(published_key(domain)) or 0)
+        newest = newest_published(conn, domain)
         if newest > ticket:
             yield f"superseded: a newer submission (ticket {newest}) of {domain} is already published"
         else:

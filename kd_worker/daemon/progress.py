@@ -44,22 +44,24 @@ class MetaProgress(Hooks):
 
 
 class JobStop(Hooks):
-    """Stop requests for one job: the worker's flags (rq's stop-job command, SIGTERM), plus the
-    job's cancel key in Redis, read at most every `every_s` seconds (pubsub messages may be missed)."""
+    """Stop requests for one run of a job: the worker's flags (rq's stop-job command for this
+    execution, SIGTERM), plus the job's cancel key in Redis when it names this run (job id +
+    ticket), read at most every `every_s` seconds (pubsub messages may be missed). A cancel does
+    not outlive its run: a resubmission of the same data is a new run and starts uncanceled."""
 
-    def __init__(self, ctx: WorkerContext, job_id: str, every_s: float = 1.0):
-        self.ctx, self.job_id, self.every_s = ctx, job_id, every_s
-        self._last = 0.0
+    def __init__(self, ctx: WorkerContext, job_id: str, run: str, every_s: float = 1.0):
+        self.ctx, self.job_id, self.run, self.every_s = ctx, job_id, run, every_s
+        self._last, self._canceled = 0.0, False
 
     def should_stop(self) -> Stop | None:
-        if (reason := self.ctx.control.reason(self.job_id)) is not None:
+        if self._canceled:
+            return Stop("cancel")
+        if (reason := self.ctx.control.reason()) is not None:
             return Stop(reason)
         if time.monotonic() - self._last >= self.every_s:
             self._last = time.monotonic()
             try:
-                if self.ctx.connection.exists(cancel_key(self.job_id)):
-                    self.ctx.control.cancel(self.job_id)
-                    return Stop("cancel")
+                self._canceled = self.ctx.connection.get(cancel_key(self.job_id)) == self.run.encode()
             except RedisError:
                 pass  # Redis away: the job keeps training; cancel is checked again later
-        return None
+        return Stop("cancel") if self._canceled else None

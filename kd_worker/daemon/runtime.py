@@ -5,6 +5,7 @@ job so the next one starts from the pristine base)."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,26 +61,40 @@ class Runtime:
 
 class JobControl:
     """Stop requests for the running job, set from rq's threads (pubsub, signals), read between
-    training steps on the main thread: cooperative cancel and warm shutdown."""
+    training steps on the main thread: cooperative cancel and warm shutdown. A cancel belongs to
+    the run it was made for (rq's execution id): the next run of the same job, a resubmission or
+    a requeue, starts uncanceled. `wait` sleeps until a stop is requested (start-up waits)."""
 
     def __init__(self) -> None:
-        self._canceled: set[str] = set()
-        self._shutdown = False
+        self._run: str | None = None
+        self._canceled = False
+        self._stop = threading.Event()
 
-    def cancel(self, job_id: str) -> None:
-        self._canceled.add(job_id)
+    def start_run(self, run: str) -> None:
+        self._run, self._canceled = run, False
+
+    def end_run(self) -> None:
+        self._run, self._canceled = None, False
+
+    def cancel(self, run: str) -> None:
+        if run == self._run:  # a cancel for a run that has ended does not outlive it
+            self._canceled = True
 
     def shutdown(self) -> None:
-        self._shutdown = True
+        self._stop.set()
 
     @property
     def shutting_down(self) -> bool:
-        return self._shutdown
+        return self._stop.is_set()
 
-    def reason(self, job_id: str) -> StopKind | None:
-        if job_id in self._canceled:
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`; True as soon as a stop is requested (SIGTERM during start-up)."""
+        return self._stop.wait(seconds)
+
+    def reason(self) -> StopKind | None:
+        if self._canceled:
             return "cancel"
-        return "shutdown" if self._shutdown else None
+        return "shutdown" if self._stop.is_set() else None
 
 
 @dataclass

@@ -94,7 +94,11 @@ def load_examples(files: Sequence[tuple[Literal["prompts", "corrections"], Path]
 
 
 def split_examples(examples: list[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Deterministic held-out split by content hash (stable when examples are added)."""
+    """Deterministic held-out split by content hash. An example is held out when its hash, read as a
+    number in [0, 1), is below `val_fraction`: its side depends on its own content and the seed only,
+    so appending examples never moves an earlier one across (a held-out example stays unseen by
+    training). Both sides keep at least one example; in a set that small, the one example moved to
+    make that so can move back when others arrive."""
     if val_fraction <= 0 or len(examples) < 2:
         return list(examples), []
 
@@ -102,7 +106,8 @@ def split_examples(examples: list[Example], val_fraction: float, seed: int) -> t
         return hashlib.sha256(f"{seed}:{e.key}".encode()).hexdigest()
 
     ordered = sorted(examples, key=rank)
-    n_val = min(max(1, round(len(examples) * val_fraction)), len(examples) - 1)
+    below = sum(int(rank(e)[:16], 16) < val_fraction * 2**64 for e in ordered)
+    n_val = min(max(1, below), len(examples) - 1)
     return ordered[n_val:], ordered[:n_val]
 
 

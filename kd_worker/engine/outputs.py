@@ -114,8 +114,10 @@ def write_version(stage: Path, c: Candidate, metrics: dict[str, Any]) -> None:
         publisher.write_json_atomic(d / publisher.ADAPTER_CONFIG, {**config, "checkpoint_step": step})
 
 
-def publish(c: Candidate, adapters_dir: Path, gate: dict[str, Any], keep: int, hooks: Hooks) -> publisher.Version:
-    """Write the candidate as the domain's next version and make it current."""
+def publish(
+    c: Candidate, adapters_dir: Path, gate: dict[str, Any], keep: int, hooks: Hooks, first_number: int = 1
+) -> publisher.Version:
+    """Write the candidate as the domain's next version (numbered at least `first_number`) and make it current."""
     req = c.request
     metrics = metrics_doc(c, gate)
     entry = {
@@ -130,7 +132,7 @@ def publish(c: Candidate, adapters_dir: Path, gate: dict[str, Any], keep: int, h
     }
     hooks.on_progress(Progress("publish", 0, 1))
     version = publisher.publish(
-        adapters_dir, req.domain, lambda stage: write_version(stage, c, metrics), entry, keep=keep
+        adapters_dir, req.domain, lambda stage: write_version(stage, c, metrics), entry, keep, first_number
     )
     hooks.on_progress(Progress("publish", 1, 1))
     log.info("distillation_published", domain=req.domain, version=version.number, path=str(version.path))

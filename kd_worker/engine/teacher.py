@@ -35,13 +35,14 @@ def make_sampler(temperature: float, top_k: int, top_p: float, n_vocab: int) -> 
     """Temperature / top-k / top-p sampling that never sorts the whole vocabulary: top-p runs on
     a top-k pre-selection (mlx-lm's apply_top_p sorts all V entries every decoding step).
     Only real tokens (< n_vocab) can be drawn: embedding padding rows are never sampled."""
-    k = top_k or (TOP_P_PRESELECT if top_p < 1.0 else 0)
+    k_max = top_k or (TOP_P_PRESELECT if top_p < 1.0 else 0)
 
     def sample(logprobs: mx.array) -> mx.array:
         logprobs = logprobs[..., :n_vocab]
         if temperature == 0:
             return mx.argmax(logprobs, axis=-1)
-        if k == 0 or k >= logprobs.shape[-1]:
+        k = min(k_max, logprobs.shape[-1])  # a vocabulary within top-k still gets its top-p cut
+        if k == 0 or (k == logprobs.shape[-1] and top_p >= 1.0):
             return mx.random.categorical(logprobs / temperature)
         idx = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., :k]
         vals = mx.take_along_axis(logprobs, idx, axis=-1) / temperature
@@ -194,14 +195,14 @@ class Teacher:
     ) -> list[list[int]]:
         """Given responses are tokenized; missing ones are generated in batches and cached one by one."""
         lm = self.lm
-        gen = dict(
-            max_tokens=cfg.gen_max_tokens,
-            temp=cfg.gen_temperature,
-            top_k=cfg.gen_top_k,
-            top_p=cfg.gen_top_p,
-            seed=cfg.seed,
-        )
-        keys = [cache_key(teacher=lm.identity, prompt=p, gen=gen) for p in prompts]
+        gen = dict(temp=cfg.gen_temperature, top_k=cfg.gen_top_k, top_p=cfg.gen_top_p, seed=cfg.seed)
+        # the budget left by max_seq_length is part of the key: a response cut short by a small one
+        # is not what a run with room would generate (equal to gen_max_tokens: the keys of old entries)
+        budgets = [min(cfg.gen_max_tokens, cfg.max_seq_length - len(p)) for p in prompts]
+        keys = [
+            cache_key(teacher=lm.identity, prompt=p, gen={**gen, "max_tokens": n})
+            for p, n in zip(prompts, budgets, strict=True)
+        ]
         responses: list[list[int] | None] = []
         todo: list[int] = []
         for i, (ex, p) in enumerate(zip(examples, prompts, strict=True)):
@@ -227,8 +228,9 @@ class Teacher:
             stop_check()
             batch = todo[start : start + cfg.gen_batch_size]
             mx.random.seed(int(examples[batch[0]].key[:8], 16) ^ cfg.seed)
-            budgets = [min(cfg.gen_max_tokens, cfg.max_seq_length - len(prompts[i])) for i in batch]
-            generated = generate(lm, [prompts[i] for i in batch], budgets, sampler, cfg.gen_batch_size, stop_check)
+            generated = generate(
+                lm, [prompts[i] for i in batch], [budgets[i] for i in batch], sampler, cfg.gen_batch_size, stop_check
+            )
             for i, ids in zip(batch, generated, strict=True):
                 self.cache.put_response(keys[i], ids)
                 responses[i] = ids

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from jobs.config import KDConfig
+from jobs.records import DataKind
 from kd_worker.engine.checkpoints import DirCheckpointStore
 from kd_worker.engine.data import Example, SoftTargets, StudentSequence
 from kd_worker.engine.models import LoadedModel
 from kd_worker.engine.vocab import VocabPlan
-
-DataKind = Literal["prompts", "corrections"]
 
 
 @dataclass(frozen=True)

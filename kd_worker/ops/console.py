@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import structlog
 
 from kd_worker.engine.hooks import Hooks, Progress
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as Bar
+    from rich.progress import TaskID
 
 log = structlog.get_logger(__name__)
 
@@ -20,8 +25,8 @@ class ConsoleProgress(Hooks):
         self.tty = enabled and sys.stderr.isatty()
         self.log_every_s = log_every_s
         self._last = 0.0
-        self._bar = None
-        self._tasks: dict[str, int] = {}
+        self._bar: Bar | None = None
+        self._tasks: dict[str, TaskID] = {}
 
     def __enter__(self) -> "ConsoleProgress":
         if self.tty:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import sys
@@ -77,7 +78,7 @@ def run_checks(settings: WorkerSettings, blas: BlasInfo) -> list[Check]:
 
     checks = [
         Check("platform", "ok", f"{platform.system()} {platform.machine()}, Python {sys.version.split()[0]}"),
-        Check("mlx", "ok", f"{mx.__version__}, default device {mx.default_device()}"),
+        Check("mlx", "ok", f"{importlib.metadata.version('mlx')}, default device {mx.default_device()}"),
     ]
     if sys.platform == "linux":
         library = mapped_blas(Path("/proc/self/maps").read_text())

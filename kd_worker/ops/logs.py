@@ -8,18 +8,19 @@ import sys
 from typing import Literal
 
 import structlog
+from structlog.typing import Processor
 
 
 def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: str = "info") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    shared = [
+    shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
-    tail = [structlog.processors.format_exc_info] if use_json else []
+    tail: list[Processor] = [structlog.processors.format_exc_info] if use_json else []
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail, renderer],

@@ -5,8 +5,15 @@ writes a file (`kd_worker.ops.service` does).
 Service files are rendered from the templates in the checkout's `launchd/` directory with the real
 paths (this virtualenv's `kd-worker`, the checkout as working directory, the log directory) and the
 KD_* settings of the installing shell. Each action is planned as a list of steps (write a file,
-remove one, run a command) before anything happens; `--dry-run DIR` renders the files into DIR and
-prints the commands instead of running them, so both managers can be checked on any machine.
+remove one, run a command, wait until launchd has let a service go) before anything happens;
+`--dry-run DIR` renders the files into DIR and prints the commands instead of running them, so both
+managers can be checked on any machine.
+
+launchd's races are planned for here: `launchctl bootout` returns before the process has exited, and
+a `bootstrap` of the label meanwhile fails with 5 (Input/output error) or 37 (Operation already in
+progress). So every bootout is followed by a wait until `launchctl print` no longer finds the service
+(bounded by ExitTimeOut + 10 s: launchd SIGKILLs at ExitTimeOut), and bootstrap is retried on 5 and 37
+with a bounded backoff.
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ from __future__ import annotations
 import json
 import os
 import plistlib
+import shlex
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -24,7 +33,7 @@ from xml.parsers.expat import ExpatError
 from xml.sax.saxutils import escape
 
 from jobs.errors import ConfigError
-from kd_worker.settings import WorkerSettings
+from kd_worker.settings import WorkerSettings, default_work_dir
 
 ACTIONS = ("install", "uninstall", "status")
 LABEL, REDIS_LABEL = "com.conch.kd-worker", "com.conch.kd-redis"
@@ -32,6 +41,19 @@ UNIT, REDIS_UNIT = "kd-worker.service", "kd-redis.service"
 SYSTEM_REDIS_UNIT = "redis-server.service"  # Debian/Ubuntu's name for the distribution's Redis
 THROTTLE_S = 15  # launchd ThrottleInterval / systemd RestartSec: the spacing of restarts
 REDIS_STOP_S = 30  # SIGTERM -> SIGKILL for Redis: time to flush the AOF
+# launchd restarts every non-zero exit (KeepAlive {SuccessfulExit: false}) and, unlike systemd's
+# RestartPreventExitStatus=78, cannot exempt one: the agent runs `kd-worker run --config-error-exit 0`, so a
+# configuration error (recorded in the work dir for `service status`) leaves it down instead of reloading the
+# teacher every ThrottleInterval. KeepAlive's other conditions (PathState, ...) are ORed with SuccessfulExit
+# (launchd.plist(5)), so none of them can veto that restart.
+LAUNCHD_CONFIG_EXIT = 0
+GONE_MARGIN_S = 10  # after ExitTimeOut launchd has SIGKILLed the process; this much more for its clean-up
+BOOTSTRAP_RETRY_S = 30  # how long a bootstrap refused with 5/37 (launchd still busy with the label) is retried
+BOOTSTRAP_BUSY = (5, 37)  # "Input/output error", "Operation already in progress"
+# launchd agents get "Operation not permitted" in these (macOS privacy protection, TCC) unless the
+# program has Full Disk Access.
+TCC_HOME_DIRS = ("Desktop", "Documents", "Downloads")
+TCC_ROOTS = (Path("/Volumes"),)
 REPO = Path(__file__).resolve().parents[2]  # kd-daemon runs from a clone (editable install)
 TEMPLATES = REPO / "launchd"
 
@@ -61,6 +83,30 @@ class Run:
     # "stop": abort the plan on failure; "ignore": the goal already holds (bootout of an agent that is
     # not loaded); "report": go on, but the exit code says it (status).
     on_error: Literal["stop", "ignore", "report"] = "stop"
+    # Exit codes that mean "busy, try again" (launchd still letting the old instance go), retried with a
+    # doubling delay for at most `retry_for_s` seconds.
+    retry_codes: tuple[int, ...] = ()
+    retry_for_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class WaitGone:
+    """Poll `probe` until it fails (the service has left launchd), at most `timeout_s`; the plan stops if
+    it is still there then."""
+
+    probe: tuple[str, ...]
+    timeout_s: float
+    poll_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class ShowLastStop:
+    """Print why the worker last stopped (kd_worker.ops.runstate), read from the work dir the installed
+    service uses: KD_WORK_DIR in `service_file` (plist or EnvironmentFile), else `default_work_dir`."""
+
+    service_file: Path
+    default_work_dir: Path
+    start_hint: str
 
 
 @dataclass(frozen=True)
@@ -68,7 +114,12 @@ class Note:
     text: str
 
 
-Step = Write | MakeDir | Remove | Run | Note
+@dataclass(frozen=True)
+class Warn:
+    text: str
+
+
+Step = Write | MakeDir | Remove | Run | WaitGone | ShowLastStop | Note | Warn
 
 
 @dataclass(frozen=True)
@@ -116,9 +167,16 @@ class Host:
     def systemctl(self, *args: str) -> tuple[str, ...]:
         return ("systemctl", *args) if self.system else ("systemctl", "--user", *args)
 
+    def target(self, label: str) -> str:
+        return f"{self.domain}/{label}"
+
 
 def host_for(
-    manager: Manager | None = None, system: bool = False, kd_worker: Path | None = None, home: Path | None = None
+    manager: Manager | None = None,
+    system: bool = False,
+    kd_worker: Path | None = None,
+    home: Path | None = None,
+    uid: int | None = None,
 ) -> Host:
     """This machine's Host: launchd on macOS, systemd elsewhere, unless `manager` says otherwise."""
     manager = manager or ("launchd" if sys.platform == "darwin" else "systemd")
@@ -139,7 +197,8 @@ def host_for(
             "and run `kd-worker service` from it"
         )
     redis = shutil.which("redis-server")
-    return Host(manager, system, REPO, exe, home or Path.home(), os.getuid(), Path(redis) if redis else None)
+    uid = os.getuid() if uid is None else uid
+    return Host(manager, system, REPO, exe, home or Path.home(), uid, Path(redis) if redis else None)
 
 
 def service_env(settings: WorkerSettings) -> dict[str, str]:
@@ -197,6 +256,7 @@ def render_worker_plist(host: Host, settings: WorkerSettings) -> str:
         f"{LABEL}.plist.in",
         label=LABEL,
         kd_worker=_x(host.kd_worker),
+        config_exit=LAUNCHD_CONFIG_EXIT,
         repo=_x(host.repo),
         environment=env,
         throttle=THROTTLE_S,
@@ -335,38 +395,44 @@ def _plan_launchd(action: str, host: Host, settings: WorkerSettings, with_redis:
     agents = [(LABEL, host.agents_dir / f"{LABEL}.plist")]
     if with_redis:
         agents.append((REDIS_LABEL, host.agents_dir / f"{REDIS_LABEL}.plist"))
+    worker_plist = agents[0][1]
     if action == "status":
-        return [
+        steps: list[Step] = [
             s
             for label, path in agents
             for s in (
                 Note(f"{path}: {'present' if path.exists() else 'missing'}"),
-                Run(("launchctl", "print", f"{host.domain}/{label}"), on_error="report"),
+                Run(("launchctl", "print", host.target(label)), on_error="report"),
             )
         ]
-    if action == "uninstall":  # the worker first: it stops (checkpointing) before its Redis goes
-        steps: list[Step] = [
-            s
-            for label, path in agents
-            for s in (Run(("launchctl", "bootout", f"{host.domain}/{label}"), on_error="ignore"), Remove(path))
-        ]
+        hint = f"launchctl kickstart {host.target(LABEL)} (or reinstall)"
+        return steps + [ShowLastStop(worker_plist, default_work_dir(host.home), hint)]
+    worker_grace = max(settings.shutdown_grace, installed_exit_timeout(worker_plist) or 0)
+    if action == "uninstall":  # the worker first, gone (checkpointed) before its Redis stops
+        steps = [*_bootout(host, LABEL, worker_grace), Remove(worker_plist)]
+        if with_redis:
+            steps += [*_bootout(host, REDIS_LABEL, REDIS_STOP_S), Remove(agents[1][1])]
         return steps + [
             Note(
                 f"kept the logs in {host.log_dir}" + (f" and the Redis data in {host.redis_data}" if with_redis else "")
             )
         ]
-    worker_plist = agents[0][1]
-    steps = [MakeDir(host.log_dir), Run(("launchctl", "bootout", f"{host.domain}/{LABEL}"), on_error="ignore")]
+    if host.uid == 0:
+        raise ConfigError(
+            "refusing to install a LaunchAgent as root: it would go to gui/0, a login session that never "
+            "exists, and run as root; run `kd-worker service install` as the user who logs in (no sudo)"
+        )
+    steps = [*tcc_warnings(host, settings), MakeDir(host.log_dir), *_bootout(host, LABEL, worker_grace)]
     if with_redis:
         redis_plist = agents[1][1]
         steps += [
             MakeDir(host.redis_data),
             Write(redis_plist, render_redis_plist(host)),
-            Run(("launchctl", "bootout", f"{host.domain}/{REDIS_LABEL}"), on_error="ignore"),
+            *_bootout(host, REDIS_LABEL, REDIS_STOP_S),
             *_bootstrap(host, REDIS_LABEL, redis_plist),
         ]
     steps += [Write(worker_plist, render_worker_plist(host, settings), 0o600), *_bootstrap(host, LABEL, worker_plist)]
-    target = f"{host.domain}/{LABEL}"
+    target = host.target(LABEL)
     return steps + [
         Note(
             f"logs: {host.log_dir}/kd-worker.err.log (JSON lines); stop (checkpoint, stays down): "
@@ -375,18 +441,94 @@ def _plan_launchd(action: str, host: Host, settings: WorkerSettings, with_redis:
     ]
 
 
+def _bootout(host: Host, label: str, exit_timeout: int) -> list[Step]:
+    # bootout returns before the process has exited (it has ExitTimeOut to checkpoint): wait until launchd
+    # no longer knows the label, or a bootstrap now would race the old instance.
+    return [
+        Run(("launchctl", "bootout", host.target(label)), on_error="ignore"),
+        WaitGone(("launchctl", "print", host.target(label)), timeout_s=exit_timeout + GONE_MARGIN_S),
+    ]
+
+
 def _bootstrap(host: Host, label: str, plist: Path) -> list[Step]:
     # `enable` first: a service disabled earlier (launchctl disable) refuses to bootstrap.
     return [
-        Run(("launchctl", "enable", f"{host.domain}/{label}")),
-        Run(("launchctl", "bootstrap", host.domain, str(plist))),
+        Run(("launchctl", "enable", host.target(label))),
+        Run(
+            ("launchctl", "bootstrap", host.domain, str(plist)),
+            retry_codes=BOOTSTRAP_BUSY,
+            retry_for_s=BOOTSTRAP_RETRY_S,
+        ),
     ]
+
+
+def installed_exit_timeout(plist: Path) -> int | None:
+    """ExitTimeOut of an installed agent (a reinstall waits for the old instance by the old rule)."""
+    try:
+        with open(plist, "rb") as f:
+            value = plistlib.load(f).get("ExitTimeOut")
+    except (OSError, ExpatError, ValueError, AttributeError):
+        return None
+    return value if type(value) is int and value > 0 else None
+
+
+def tcc_warnings(host: Host, settings: WorkerSettings) -> list[Step]:
+    """A Warn for every path the agent needs that macOS privacy protection (TCC) closes to launchd agents."""
+    places = {
+        "checkout": host.repo,
+        "virtualenv": host.kd_worker.parent.parent,
+        "KD_TEACHER": settings.teacher,
+        "KD_STUDENT": settings.student,
+        "KD_MODELS_ROOT": settings.models_root,
+        "KD_ADAPTERS_DIR": settings.adapters_dir,
+        "KD_WORK_DIR": settings.work_dir,
+    }
+    python = (host.kd_worker.parent / "python").resolve()
+    return [
+        Warn(
+            f"{what} {path} is under {root}: a launchd agent gets 'Operation not permitted' there (macOS "
+            f"privacy protection). Move it (e.g. under ~/kd-daemon or ~/Library/Application Support), or give "
+            f"{python} Full Disk Access (System Settings > Privacy & Security), then reinstall"
+        )
+        for what, path in places.items()
+        if path is not None and (root := tcc_root(path, host.home)) is not None
+    ]
+
+
+def tcc_root(path: Path, home: Path) -> Path | None:
+    """The protected folder `path` lies in (as written or with its links resolved), or None."""
+    roots = [home / d for d in TCC_HOME_DIRS] + list(TCC_ROOTS)
+    for candidate in (Path(os.path.abspath(path)), path.resolve()):
+        for root in roots:
+            if candidate.is_relative_to(root) or candidate.is_relative_to(root.resolve()):
+                return root
+    return None
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    """The inverse of `render_env_file`: KEY="value" lines with its backslash escapes."""
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, quoted = line.partition("=")
+        if line.startswith("#") or not sep or len(quoted) < 2 or quoted[0] != '"' or quoted[-1] != '"':
+            continue
+        value, chars = [], iter(quoted[1:-1])
+        for c in chars:
+            value.append(next(chars, "") if c == "\\" else c)
+        env[key] = "".join(value)
+    return env
+
+
+def service_work_dir(service_env: Mapping[str, str], default: Path) -> Path:
+    """Where the installed worker writes (its KD_WORK_DIR, else the default for its user)."""
+    value = service_env.get("KD_WORK_DIR")
+    return Path(value).expanduser() if value else default
 
 
 def _plan_systemd(action: str, host: Host, settings: WorkerSettings, with_redis: bool) -> list[Step]:
     units = [UNIT, REDIS_UNIT] if with_redis else [UNIT]
     if action == "status":
-        return [
+        steps: list[Step] = [
             s
             for unit in units
             for s in (
@@ -394,8 +536,11 @@ def _plan_systemd(action: str, host: Host, settings: WorkerSettings, with_redis:
                 Run(host.systemctl("status", "--no-pager", unit), on_error="report"),
             )
         ]
+        home = Path(os.path.expanduser(f"~{_owner(host.repo)}")) if host.system else host.home
+        hint = f"{shlex.join(host.systemctl('restart', UNIT))} (or reinstall)"
+        return steps + [ShowLastStop(host.env_file, default_work_dir(home), hint)]
     if action == "uninstall":
-        steps: list[Step] = [Run(host.systemctl("disable", "--now", unit), on_error="ignore") for unit in units]
+        steps = [Run(host.systemctl("disable", "--now", unit), on_error="ignore") for unit in units]
         steps += [Remove(host.unit_dir / unit) for unit in units] + [Remove(host.env_file)]
         return steps + [Run(host.systemctl("daemon-reload"))]
     steps = [

@@ -342,7 +342,7 @@ CASES = [
     Case(
         "ticket_path_traversal",
         "ConfigError",
-        "ticket '../../escaped' is not a positive integer",
+        "ticket: Input should be a valid integer",
         inject=enqueue_bad_ticket,
         before_files=True,
     ),

@@ -130,14 +130,40 @@ def test_malformed_data_fails_the_job_clearly_and_worker_lives_on(env, worker):
     job = KDJob(
         domain="memory", data=(DataRef(kind="prompts", sha256=sha, records=2, size=len(bad), name="bad.jsonl"),)
     )
+    ticket = int(conn.incr("kd:seq:memory"))  # the meta a client writes; only the data is bad
     rq_job = Queue("kd", connection=conn, serializer=JSONSerializer).enqueue(
-        TASK_FUNC, kwargs={"payload": job.model_dump(mode="json")}
+        TASK_FUNC,
+        kwargs={"payload": job.model_dump(mode="json")},
+        meta={"ticket": ticket, "domain": "memory", "submitter": "test"},
     )
     st = wait_status(conn, rq_job.id, {"failed"})
     assert "DataError" in st["error"] and "bad.jsonl line 2" in st["error"] and "not valid JSON" in st["error"]
     assert st.get("traceback", "").count("Traceback") >= 1
     ok = submit(env, "debug")
     assert wait_status(conn, ok, {"finished"})["outcome"]["published"]
+
+
+def test_a_job_queued_by_kd_daemon_0_1_still_runs_after_the_upgrade(env, worker):
+    """0.1 named the entry point kd_worker.task.run_kd_job; a job waiting under that name still runs."""
+    import hashlib
+
+    from jobs.models import LEGACY_TASK_FUNCS, DataRef, KDJob
+
+    worker()
+    conn = connect(env)
+    data = (SAMPLES / "memory.jsonl").read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    conn.set(blob_key(sha), data)
+    ref = DataRef(kind="prompts", sha256=sha, records=len(data.splitlines()), size=len(data), name="memory.jsonl")
+    job = KDJob(domain="memory", data=(ref,), overrides={"iterations": 3})
+    ticket = int(conn.incr("kd:seq:memory"))  # what a 0.1 client wrote besides the function's name
+    rq_job = Queue("kd", connection=conn, serializer=JSONSerializer).enqueue(
+        LEGACY_TASK_FUNCS[0],
+        kwargs={"payload": job.model_dump(mode="json")},
+        meta={"ticket": ticket, "domain": "memory", "submitter": "kd-client"},
+    )
+    conn.zadd("kd:active:memory", {rq_job.id: ticket})
+    assert wait_status(conn, rq_job.id, {"finished"})["outcome"]["published"]
 
 
 def test_two_workers_share_a_queue_and_publish_each_domain_in_order(env, worker):

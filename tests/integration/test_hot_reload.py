@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -168,10 +169,30 @@ from jobs import publisher
 from lora_fixtures import write_adapter
 root, shapes, n = sys.argv[2], json.loads(open(sys.argv[3]).read()), int(sys.argv[4])
 for tag in range(1, n + 1):
-    sys.stdin.readline()  # one publish per finished read: interleaves the two without sleeps
+    sys.stdin.readline()  # one publish per request: interleaves the two without sleeps
     publisher.publish(root, "memory", lambda stage: write_adapter(stage, shapes, tag), {"tag": tag}, keep=n)
+    print(f"published {tag}", flush=True)
 sys.stdin.read()  # until the test has read the last version and closes the pipe
 """
+
+
+class Publisher:
+    """The publishing process: `request()` asks for the next version, `settle()` waits until every
+    requested version is current."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.sent, self.acked = proc, 0, 0
+
+    def request(self) -> None:
+        self.proc.stdin.write("next\n")
+        self.proc.stdin.flush()
+        self.sent += 1
+
+    def settle(self) -> None:
+        while self.acked < self.sent:
+            line = self.proc.stdout.readline()
+            assert line == f"published {self.acked + 1}\n", f"the publishing process said {line!r}"
+            self.acked += 1
 
 
 class HammerReader:
@@ -190,21 +211,35 @@ class HammerReader:
             self._expected[tag] = lora_weights(self.shapes, tag)
         return self._expected[tag]
 
-    def loaded_weights(self, adapter_path: Path) -> dict:
+    def loaded_weights(self, adapter_path: Path, hold=None) -> dict:
+        """mlx_lm.load with the adapter; `hold()` runs between mlx-lm's two reads of the version
+        (adapter_config.json, then adapters.safetensors)."""
+        from unittest import mock
+
         import mlx_lm
+        import mlx_lm.tuner.utils as tuner_utils
         import numpy as np
         from mlx.utils import tree_flatten
 
-        model, _ = mlx_lm.load(str(self.student), adapter_path=str(adapter_path))
+        wrap = tuner_utils.linear_to_lora_layers
+
+        def between_reads(*args, **kwargs):
+            hold()
+            return wrap(*args, **kwargs)
+
+        with mock.patch.object(tuner_utils, "linear_to_lora_layers", between_reads) if hold else nullcontext():
+            model, _ = mlx_lm.load(str(self.student), adapter_path=str(adapter_path))
         return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters()) if k in self.shapes}
 
-    def read(self) -> bool:
+    def read(self, hold=None) -> tuple[int, int] | None:
+        """(version read, version current after the read); every byte read must be that version's."""
         import numpy as np
 
         v = publisher.resolve(self.root, "memory")
         if v is None:
-            return False
+            return None
         manifest = publisher.verify(v.path)  # raises on a partial or modified version
+        weights = self.loaded_weights(v.path, hold)
         tags = {
             manifest["summary"]["tag"],
             manifest["version"],
@@ -212,13 +247,13 @@ class HammerReader:
             json.loads((v.path / "adapter_config.json").read_text())["kd"]["tag"],
         }
         assert tags == {v.number}, f"mixed version {v.number}: {tags}"
-        weights = self.loaded_weights(v.path)
         want = self.expected(v.number)
         assert weights.keys() == want.keys() and all(np.array_equal(weights[k], want[k]) for k in want)
         self.reads += 1
         self.versions.add(v.number)
-        self.straddled += publisher.resolve(self.root, "memory").number != v.number
-        return True
+        now = publisher.resolve(self.root, "memory").number
+        self.straddled += now != v.number
+        return v.number, now
 
     def read_compat(self) -> None:
         """Through the seed's links: the weights must be exactly one published version's."""
@@ -249,19 +284,31 @@ def test_readers_never_see_a_partial_or_mixed_version_during_50_publishes(root, 
     proc = subprocess.Popen(
         [sys.executable, "-c", PUBLISHER, str(REPO / "tests"), str(root), str(tmp_path / "shapes.json"), str(n)],
         stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         cwd=REPO,
         text=True,
     )
-    reader = HammerReader(root, student, shapes)
+    pub, reader, held = Publisher(proc), HammerReader(root, student, shapes), 0
+
+    def publish_during_the_read() -> None:
+        pub.request()
+        pub.settle()  # the next version is current while this read sits between its two file reads
+
     try:
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+        pub.request()
         while n not in reader.versions:
             assert proc.poll() is None, "the publishing process failed"
-            if reader.read():
+            if reader.reads % 2 and pub.sent < n:
+                # every other read is held across a swap: deterministic, not left to scheduling
+                pub.settle()
+                read, current = reader.read(hold=publish_during_the_read)
+                assert current == read + 1 == pub.acked, (read, current)
+                held += 1
+            elif reader.read():  # the other reads race the publisher freely
                 reader.read_compat()
-                proc.stdin.write("next\n")
-                proc.stdin.flush()
+                if pub.sent < n:
+                    pub.request()
+        pub.settle()
         proc.stdin.close()
         assert proc.wait(60) == 0
         wait_for(lambda: all(w.reported.get("memory") == n for w in watchers), 20, what="both watchers at v50")
@@ -271,10 +318,11 @@ def test_readers_never_see_a_partial_or_mixed_version_during_50_publishes(root, 
         for w in watchers:
             w.stop()
     print(
-        f"hammer: {reader.reads} verified loads, {reader.compat_reads} loads through the links, "
-        f"{len(reader.versions)} distinct versions read, {reader.straddled} reads overlapped a swap; "
+        f"hammer: {reader.reads} verified loads ({held} held across a swap), {reader.compat_reads} loads through "
+        f"the links, {len(reader.versions)} distinct versions read, {reader.straddled} reads overlapped a swap; "
         f"watcher reports { ({k: len(r.seen) for k, r in watched.items()}) }"
     )
+    assert held == n // 2 - 1 and reader.straddled >= held  # a swap happened during each held read
     assert reader.reads >= n and n in reader.versions
     for rec in watched.values():
         got = rec.versions()

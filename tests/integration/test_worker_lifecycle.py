@@ -24,13 +24,16 @@ def test_configuration_error_exits_78_so_supervisors_do_not_loop(env):
 
 
 def test_unexpected_end_of_the_work_loop_exits_nonzero(env, worker):
-    """rq's work() returns on errors it does not handle; the worker must not exit 0 then."""
+    """rq's work() returns on errors it does not handle; the worker must not exit 0 then. (A queue
+    key of the wrong type no longer ends it: it is waited out, tests/faults/test_hostile_state.py.)"""
     w = worker()
     conn = connect(env)
-    conn.delete("rq:queue:kd")
-    conn.set("rq:queue:kd", "not a list")  # WRONGTYPE on the next dequeue
-    conn.lpush("rq:queue:kd:high", "nudge")  # wake the blocking dequeue
-    assert w.wait(60) == 1
+    conn.execute_command("ACL", "SETUSER", "default", "-blpop")  # NOPERM on the next dequeue
+    try:
+        conn.lpush("rq:queue:kd:high", "nudge")  # wake the blocking dequeue
+        assert w.wait(60) == 1
+    finally:
+        conn.execute_command("ACL", "SETUSER", "default", "+@all")
 
 
 def test_a_live_worker_name_is_refused(env, worker):

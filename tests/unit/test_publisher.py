@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -253,3 +254,186 @@ def test_a_domain_dir_linked_out_of_the_root_is_refused(tmp_path, dangling):
     with pytest.raises(SecurityError, match="outside"):
         publisher.publish(root, "memory", writer(1), {})
     assert not outside.exists() or not any(outside.iterdir())
+
+
+# --- planted state (issue 13): never follow a link the publisher did not create ----------------------
+def tree(root: Path) -> dict[str, str]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            out[str(p.relative_to(root))] = os.readlink(p) if p.is_symlink() else "dir" if p.is_dir() else p.read_text()
+    return out
+
+
+@pytest.mark.parametrize("target", ["outside", "other"])
+def test_a_planted_versions_link_is_refused_and_nothing_is_touched(tmp_path, target):
+    root, outside = tmp_path / "adapters_kd", tmp_path / "outside"
+    publish(root, 1, domain="task", keep=1)
+    for n in (1, 2):
+        (outside / f"{n:04d}").mkdir(parents=True)
+        (outside / f"{n:04d}" / "notes").write_text("mine")
+    (root / "memory").mkdir()
+    (root / "memory" / "versions").symlink_to(outside if target == "outside" else root / "task" / "versions")
+    before = tree(tmp_path)
+    with pytest.raises(SecurityError, match="versions is a symbolic link"):
+        publish(root, 2, keep=1)
+    with pytest.raises(SecurityError):
+        publisher.versions(root, "memory")
+    assert publisher.resolve(root, "memory") is None
+    assert tree(tmp_path) == before
+
+
+def test_a_current_pointer_into_another_domain_is_not_a_version_and_is_replaced(tmp_path):
+    publish(tmp_path, 1, domain="task")
+    publish(tmp_path, 1)
+    os.symlink("../task/versions/0001", tmp_path / "memory" / ".x")
+    os.replace(tmp_path / "memory" / ".x", tmp_path / "memory" / "current")
+    assert publisher.resolve(tmp_path, "memory") is None
+    for bad in ("/etc", "versions/../../task/versions/0001", "versions/1", "versions/0009"):
+        os.symlink(bad, tmp_path / "memory" / ".x")
+        os.replace(tmp_path / "memory" / ".x", tmp_path / "memory" / "current")
+        assert publisher.resolve(tmp_path, "memory") is None, bad
+    assert publish(tmp_path, 2).number == 2
+    assert os.readlink(tmp_path / "memory" / "current") == "versions/0002"
+
+
+def test_version_folders_are_canonical_numbers_sorted_as_integers(tmp_path):
+    versions = tmp_path / "memory" / "versions"
+    for stray in ("9", "²", "0007.bak", "9999"):
+        (versions / stray).mkdir(parents=True)
+    (versions / "0005").write_text("a file, not a version")
+    assert [v.number for v in publisher.versions(tmp_path, "memory")] == [9999]
+    assert publish(tmp_path, 1, keep=2).number == 10000
+    assert publish(tmp_path, 2, keep=2).number == 10001
+    assert [v.number for v in publisher.versions(tmp_path, "memory")] == [10000, 10001]
+    assert sorted(p.name for p in versions.iterdir()) == ["0005", "0007.bak", "10000", "10001", "9", "²"]
+
+
+def test_pruning_never_deletes_the_current_or_the_newest_version_nor_through_a_link(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "inside").mkdir(parents=True)
+    root = tmp_path / "adapters_kd"
+    for tag in (1, 2, 3):
+        publish(root, tag)
+    publisher.rollback(root, "memory", to=1)
+    (root / "memory" / "versions" / "0002" / "planted").symlink_to(outside)
+    publish(root, 4, keep=1)
+    assert [v.number for v in publisher.versions(root, "memory")] == [4]
+    publisher.rollback(root, "memory", to=4)  # still verifiable
+    assert (outside / "inside").is_dir()
+
+
+def test_a_manifest_from_another_domain_or_with_links_does_not_verify(tmp_path):
+    v = publish(tmp_path, 1, domain="task")
+    copy = tmp_path / "memory" / "versions" / "0001"
+    shutil.copytree(v.path, copy)
+    with pytest.raises(PublishError, match="names 'task' v1 but lies in 'memory'"):
+        publisher.verify(copy)
+    w = publish(tmp_path, 2)
+    (w.path / "adapters.safetensors").unlink()
+    (w.path / "adapters.safetensors").symlink_to(v.path / "adapters.safetensors")
+    with pytest.raises(PublishError, match="does not match"):
+        publisher.verify(w.path)
+
+
+def test_a_failure_after_the_swap_says_the_version_is_current_and_the_summary_is_repaired(tmp_path, monkeypatch):
+    publish(tmp_path, 1, domain="task")
+    publish(tmp_path, 1)
+    real = publisher.write_json_atomic
+
+    def summary_fails(path: Path, obj) -> None:
+        if path.name == publisher.SUMMARY:
+            raise OSError(errno.EIO, "Input/output error")
+        real(path, obj)
+
+    monkeypatch.setattr(publisher, "write_json_atomic", summary_fails)
+    with pytest.raises(PublishError, match=r"memory v2 is current \(published\); updating .*kd_summary.json failed"):
+        publish(tmp_path, 2)
+    monkeypatch.undo()
+    assert publisher.resolve(tmp_path, "memory").number == 2
+    assert publisher.read_summary(tmp_path)["domains"]["memory"]["version"] == 1  # stale until the next update
+    publish(tmp_path, 2, domain="task")
+    summary = publisher.read_summary(tmp_path)["domains"]
+    assert (summary["memory"]["version"], summary["memory"]["tag"], summary["memory"]["history"]) == (2, 2, [1, 2])
+
+
+def test_an_invalid_summary_is_rebuilt_from_every_domain(tmp_path):
+    for domain in ("task", "debug", "memory"):
+        publish(tmp_path, 3, domain=domain)
+    (tmp_path / publisher.SUMMARY).write_text("[" * 100_000)
+    publish(tmp_path, 4)
+    summary = publisher.read_summary(tmp_path)["domains"]
+    assert {d: e["version"] for d, e in summary.items()} == {"task": 1, "debug": 1, "memory": 2}
+    assert summary["task"]["tag"] == 3
+
+
+def test_a_planted_lock_link_is_refused_without_creating_its_target(tmp_path):
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / ".lock").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(PublishError, match="cannot lock"):
+        publish(tmp_path, 1)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_publish_takes_a_reserved_number_and_leaves_a_gap(tmp_path):
+    publish(tmp_path, 1)
+    v = publisher.publish(tmp_path, "memory", writer(2), {}, first_number=7)
+    assert v.number == 7 and [x.number for x in publisher.versions(tmp_path, "memory")] == [1, 7]
+    assert publish(tmp_path, 3).number == 8  # the next free number, whatever was reserved before
+    assert publisher.publish(tmp_path, "memory", writer(4), {}, first_number=2).number == 9  # never an old one
+
+
+def _copier(source: Path, damage: str | None = None):
+    """A `write_files(stage)` that copies a version's files, optionally damaging one."""
+
+    def write(stage: Path) -> None:
+        for rel, data in snapshot(source).items():
+            if rel == publisher.MANIFEST:
+                continue
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            (stage / rel).write_bytes(data[:-1] if rel == damage else data)
+
+    return write
+
+
+def test_install_makes_a_version_from_elsewhere_current_with_its_number_and_bytes(tmp_path):
+    src, dst = tmp_path / "b", tmp_path / "a"
+    v = publisher.publish(src, "memory", writer(3, checkpoint=10), {"tag": 3}, first_number=4)
+    manifest = (v.path / publisher.MANIFEST).read_bytes()
+    got = publisher.install(dst, "memory", 4, _copier(v.path), manifest)
+    assert got.number == 4 and publisher.resolve(dst, "memory").number == 4
+    assert snapshot(got.path) == snapshot(v.path)
+    entry = publisher.read_summary(dst)["domains"]["memory"]
+    assert entry["version"] == 4 and entry["tag"] == 3 and entry["history"] == [4] and "installed_at" in entry
+    assert (dst / "memory" / "checkpoint_10").is_symlink()  # the compat links, as publish makes them
+    # a version older than the current one (a rollback elsewhere, this copy never held it) installs too
+    low = publisher.install(dst, "memory", 2, _copier(v.path), manifest.replace(b'"version": 4', b'"version": 2'))
+    assert low.number == 2 and publisher.resolve(dst, "memory").number == 2
+
+
+@pytest.mark.parametrize("problem", ["damaged", "taken", "taken_empty", "other_version", "other_domain", "not_json"])
+def test_install_refuses_and_keeps_the_previous_version(tmp_path, problem):
+    src, dst = tmp_path / "b", tmp_path / "a"
+    v = publisher.publish(src, "memory", writer(3), {}, first_number=2)
+    publish(dst, 1)
+    before = visible(dst)
+    manifest = (v.path / publisher.MANIFEST).read_bytes()
+    number, write = 2, _copier(v.path)
+    if problem == "damaged":
+        write = _copier(v.path, damage="adapters.safetensors")
+    elif problem == "taken":
+        number, manifest = 1, manifest.replace(b'"version": 2', b'"version": 1')
+    elif problem == "taken_empty":  # an empty folder of that number: a rename would silently replace it
+        (dst / "memory" / "versions" / "0002").mkdir()
+        before = visible(dst)
+    elif problem == "other_version":
+        number = 3
+    elif problem == "other_domain":
+        manifest = manifest.replace(b'"domain": "memory"', b'"domain": "task"')
+    else:
+        manifest = b"{not json"
+    with pytest.raises(PublishError):
+        publisher.install(dst, "memory", number, write, manifest)
+    assert publisher.resolve(dst, "memory").number == 1 and visible(dst) == before
+    assert [x.number for x in publisher.versions(dst, "memory")] == [1] + ([2] if problem == "taken_empty" else [])
