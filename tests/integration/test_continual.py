@@ -15,12 +15,14 @@ import redis
 from helpers import distill, engine_settings, kd_client
 
 from jobs import publisher
+from jobs.config import resolve_config
 from jobs.errors import JobInterrupted
 from jobs.records import example_key
 from kd_client.corpus import Corpus, CorpusLimits
 from kd_worker.daemon.continual import FROZEN
 from kd_worker.daemon.runtime import Runtime
 from kd_worker.engine.checkpoints import load_arrays
+from kd_worker.engine.data import load_examples, split_examples
 
 PHRASINGS = ("What is {n}'s favourite colour?", "Which colour does {n} like?", "Tell me {n}'s colour.", "{n}: colour?")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "white", "pink", "brown", "grey")
@@ -47,6 +49,13 @@ def keys_of(data: tuple[tuple[str, Path], ...]) -> set[str]:
         r = json.loads(line)
         out.add(example_key(({"role": "user", "content": r["prompt"]},), r["response"]))
     return out
+
+
+def split(data: tuple[tuple[str, Path], ...], overrides: dict) -> tuple[set[str], set[str]]:
+    """The keys of the (training, held-out) split the engine makes of `data` under `overrides`."""
+    cfg = resolve_config(overrides)
+    train, val = split_examples(load_examples(data, 10_000), cfg.val_fraction, cfg.seed)
+    return {e.key for e in train}, {e.key for e in val}
 
 
 def adapter(outcome: dict) -> dict[str, np.ndarray]:
@@ -91,12 +100,12 @@ def test_replay_is_frozen_per_run_and_a_resumed_run_is_bit_exact(job, corpus, tm
     first = facts(tmp_path, "ada", 6)
     job("j1", first, QUICK)
     second = facts(tmp_path, "bob", 6)
-    replaying = {**QUICK, "replay": 0.5, "iterations": 12}
+    replaying = {**QUICK, "replay": 0.5, "iterations": 12, "init": "base"}  # dir b has no published version
     straight = job("j2", second, replaying, force_publish=True)
     m = metrics(straight)["continual"]
-    assert m["replay"]["examples"] == 18 and m["replay"]["rows"] == 2 * 12  # job 1's training split, 2 of 4 rows
+    assert m["replay"]["rows"] == 2 * 12  # 2 of every 4 rows
     replayed = set(m["replay"]["keys"])
-    assert replayed < keys_of(first) and not replayed & keys_of(second)
+    assert replayed == split(first, QUICK)[0] and not replayed & keys_of(second)  # job 1's training split
     assert not replayed & set(corpus.regression_keys())  # held-out examples are never replayed
 
     # the same run in another work dir, stopped at step 6; meanwhile the corpus grows
@@ -151,18 +160,19 @@ def test_warm_start_loads_the_published_adapter_or_falls_back_to_the_base(job, t
 
 
 def test_the_regression_gate_rejects_a_forgetting_candidate_and_publishes_a_good_one(job, corpus, tmp_path):
-    a = job("g1", facts(tmp_path, "ada", 8), GATED)
+    data_a, data_b = facts(tmp_path, "ada", 8), facts(tmp_path, "bob", 8)
+    (train_a, val_a), (train_b, val_b) = split(data_a, GATED), split(data_b, GATED)
+    a = job("g1", data_a, GATED)
     assert a["published"] and a["version"] == 1
-    regression_a = corpus.regression_keys()
-    assert len(regression_a) == 8  # job 1's held-out split joined when it concluded
+    assert set(corpus.regression_keys()) == val_a  # job 1's held-out split joined when it concluded
 
     # fresh LoRA, new facts only: better than v1 on its own held-out data, worse on what v1 knew
-    forgetful = job("g2", facts(tmp_path, "bob", 8), {**GATED, "replay": 0.0, "init": "base"})
+    forgetful = job("g2", data_b, {**GATED, "replay": 0.0, "init": "base"})
     gate = forgetful["gate"]
     assert not forgetful["published"] and gate["decision"] == "reject"
     assert gate["reason"].startswith("forgets earlier jobs") and "better on this job's held-out" in gate["reason"]
     assert gate["held_out"]["candidate_kl"] < gate["held_out"]["published_kl"]
-    assert gate["regression"]["examples"] == 8
+    assert gate["regression"]["examples"] == len(val_a)
     assert gate["regression"]["candidate_kl"] > gate["regression"]["published_kl"] * 1.01
     entry = publisher.read_summary(tmp_path / "a" / "adapters_kd")["domains"]["memory"]
     assert entry["version"] == 1 and entry["last_rejected"]["reason"] == gate["reason"]
@@ -171,15 +181,17 @@ def test_the_regression_gate_rejects_a_forgetting_candidate_and_publishes_a_good
     good = job("g3", facts(tmp_path, "cy", 8), {**GATED, "replay": 0.5, "init": "current"})
     gate = good["gate"]
     assert good["published"] and gate["decision"] == "publish", gate
-    assert gate["regression"]["examples"] == 16  # jobs 1 and 2 held out 8 each; job 3's own is not counted
+    assert gate["regression"]["examples"] == len(val_a | val_b)  # job 3's own held-out split is not counted
     assert gate["regression"]["candidate_kl"] <= gate["regression"]["published_kl"] * 1.01
     m = metrics(good)
     assert m["gate"] == gate and m["continual"]["init"]["used"] == "current"
-    assert m["continual"]["replay"]["examples"] == 48  # the training splits of jobs 1 and 2
+    assert set(m["continual"]["replay"]["keys"]) == train_a | train_b  # the rejected job's data included
 
 
 def test_forget_keeps_an_example_out_of_every_later_job(job, corpus, tmp_path, env):
-    job("f1", facts(tmp_path, "ada", 6), QUICK)
+    first = facts(tmp_path, "ada", 6)
+    train, val = split(first, QUICK)
+    job("f1", first, QUICK)
     replayable, regression = corpus.history()[0][0], corpus.regression_keys()[0]
     out = kd_client(env, "data", "--domain", "memory", "forget", replayable[:12], regression, "--json")
     assert out.returncode == 0, out.stderr
@@ -193,6 +205,6 @@ def test_forget_keeps_an_example_out_of_every_later_job(job, corpus, tmp_path, e
 
     later = job("f2", facts(tmp_path, "bob", 6), {**QUICK, "replay": 0.5}, force_publish=True)
     keys = metrics(later)["continual"]["replay"]["keys"]
-    assert len(keys) == 17 and replayable not in keys
-    assert later["gate"]["regression"]["examples"] == 5
+    assert set(keys) == train - {replayable}
+    assert later["gate"]["regression"]["examples"] == len(val) - 1
     assert regression not in corpus.regression_keys()

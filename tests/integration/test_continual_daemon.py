@@ -11,8 +11,10 @@ from pathlib import Path
 from helpers import connect, kd_client, wait_status
 
 from jobs import publisher
+from jobs.config import resolve_config
 from kd_client import queue as Q
 from kd_client.corpus import Corpus, CorpusLimits
+from kd_worker.engine.data import load_examples, split_examples
 
 PHRASINGS = ("What is {n}'s favourite colour?", "Which colour does {n} like?", "Tell me {n}'s colour.", "{n}: colour?")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "white", "pink", "brown", "grey")
@@ -30,6 +32,13 @@ def facts(tmp: Path, tag: str, n: int = 8) -> Path:
     return path
 
 
+def split(path: Path) -> tuple[set[str], set[str]]:
+    """The keys of the (training, held-out) split the engine makes of `path` under GATED."""
+    cfg = resolve_config({"val_fraction": 0.25})
+    train, val = split_examples(load_examples((("corrections", path),), 10_000), cfg.val_fraction, cfg.seed)
+    return {e.key for e in train}, {e.key for e in val}
+
+
 def submit(env, path: Path, *extra: str) -> str:
     out = kd_client(env, "submit", "--domain", "memory", "--corrections", str(path), *extra)
     assert out.returncode == 0, out.stderr
@@ -41,11 +50,13 @@ def test_two_workers_share_one_corpus_and_the_gate_keeps_forgetting_out(env, wor
     conn, adapters = connect(env), Path(env["KD_ADAPTERS_DIR"])
     corpus = Corpus(conn, "memory", CorpusLimits(10_000, 10**8, 256))
     first = worker(name="kd-mac-1", base=env)
-    a = submit(env, facts(tmp_path, "ada"), *GATED)
+    data = {tag: facts(tmp_path, tag) for tag in ("ada", "bob", "cy")}
+    splits = {tag: split(path) for tag, path in data.items()}
+    a = submit(env, data["ada"], *GATED)
     assert wait_status(conn, a, {"finished"})["outcome"]["published"]
 
     # a fresh LoRA on new facts alone forgets: the regression gate keeps it out, and says so
-    b = submit(env, facts(tmp_path, "bob"), *GATED, "--set", "replay=0")
+    b = submit(env, data["bob"], *GATED, "--set", "replay=0", "--set", "init=base")
     st = wait_status(conn, b, {"finished"})
     assert not st["outcome"]["published"] and st["outcome"]["gate"]["reason"].startswith("forgets earlier jobs")
     status = kd_client(env, "status", b)
@@ -55,12 +66,13 @@ def test_two_workers_share_one_corpus_and_the_gate_keeps_forgetting_out(env, wor
 
     # another machine: its own disk, the same Redis; it replays what the first one recorded
     second = worker(name="kd-mac-2", base=env, KD_WORK_DIR=str(tmp_path / "work-mac-2"))
-    c = submit(env, facts(tmp_path, "cy"), *GATED, "--set", "init=current")
+    c = submit(env, data["cy"], *GATED)  # the defaults: replay and warm start
     outcome = wait_status(conn, c, {"finished"})["outcome"]
     assert outcome["published"] and outcome["version"] == 2, json.dumps(outcome["gate"])
     m = json.loads((Path(outcome["adapter_path"]) / publisher.METRICS).read_text())
-    assert m["continual"]["replay"]["examples"] == 48  # the training splits of jobs a and b (rejected, still data)
-    assert m["continual"]["init"]["used"] == "current" and m["gate"]["regression"]["examples"] == 16
+    (train_a, val_a), (train_b, val_b), (train_c, _) = splits.values()
+    assert set(m["continual"]["replay"]["keys"]) == train_a | train_b  # b was rejected: still data
+    assert m["continual"]["init"]["used"] == "current" and m["gate"]["regression"]["examples"] == len(val_a | val_b)
     recs = corpus.records()
     assert len(recs) == 96 and {r.provenance[0].job_id for r in recs} == {a, b, c}
     assert second.events("corpus_recorded")[0]["added"] == 32
@@ -71,7 +83,7 @@ def test_two_workers_share_one_corpus_and_the_gate_keeps_forgetting_out(env, wor
     out = kd_client(env, "data", "--domain", "memory", "rebuild", "--set", "iterations=4", "--json")
     assert out.returncode == 0, out.stderr
     receipt = json.loads(out.stdout)
-    assert receipt["examples"] == members == 72  # 3 jobs x 24 trained (their held-out splits kept out)
+    assert receipt["examples"] == members == len(train_a | train_b | train_c)  # held-out splits kept out
     wait_status(conn, receipt["job_id"], {"finished"})
     payload = Q.fetch(conn, receipt["job_id"]).kwargs["payload"]
     assert payload["overrides"] == {"iterations": 4, "replay": 0.0, "init": "base"}
