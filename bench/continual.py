@@ -461,6 +461,7 @@ def main() -> int:
     print("student base CE:", " ".join(f"{b['ce']:.3f}" for b in base), flush=True)
     print("teacher CE:     ", " ".join(f"{b['ce']:.3f}" for b in teacher), flush=True)
     t0 = time.perf_counter()
+    kept = load_partial(work / "partial.json", args.jobs) if args.resume else {}
     results = run_rows(args, work, models, data, runtime, scorer)
     results = {r: by for r, by in results.items() if r in args.rows}  # a resumed run's other rows stay out
     setup = {
@@ -473,12 +474,14 @@ def main() -> int:
         "models": {k: str(v) for k, v in models.items()},
         "held_out_phrasing": [held_out(i) for i in range(4)],
     }
-    contention = {
+    contention: dict[str, Any] = {
         "note": "2 cores shared with other engineers' work: timings were taken with other work running",
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
     }
+    if args.resume:  # those sequences ran in an earlier process, under that one's load
+        contention["kept_from_interrupted_run"] = sorted(f"{r} seed {s}" for r, by in kept.items() for s in by)
     doc = {"setup": setup, "base": base, "teacher": teacher, "per_seed": results, "wall_s": time.perf_counter() - t0}
     publish_results(args.name, {**doc, "contention": contention})
     return 0
