@@ -192,7 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--only", nargs="+", help="build only these fixtures")
     m.set_defaults(func=cmd_make_models)
 
-    x = sub.add_parser("distill", help="run one distillation job in-process (no Redis) and publish the adapter")
+    x = sub.add_parser(
+        "distill",
+        help="run one distillation job in-process (no Redis) and publish the adapter",
+        description="One job in-process, without Redis: no corpus, so no replay and no regression set. By default "
+        "(init=current) it starts from the domain's published adapter under --out when it is compatible; "
+        "--set init=base trains a fresh LoRA.",
+    )
     x.add_argument("--domain", required=True, help="neuron name, e.g. memory")
     x.add_argument("--prompts", action="append", metavar="FILE", help='JSONL of {"prompt": ...} or {"messages": [...]}')
     x.add_argument("--corrections", action="append", metavar="FILE", help='JSONL of {"prompt": ..., "response": ...}')
