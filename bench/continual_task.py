@@ -5,7 +5,7 @@ colour is green." Each attribute has four question phrasings; a job's correction
 them and the fourth is held out to test the fact (phrasing `i % 4` for the job's i-th fact, so
 every phrasing is trained somewhere). Jobs never share a person: their facts are disjoint.
 
-Models (HF layout, built by `bench.quality_models`' SFT loop, cached by recipe digest):
+Models (HF layout, built by `kd_worker.fixtures.trained`'s SFT loop, cached by recipe digest):
   continual-teacher  knows every fact of the benchmark (all four phrasings) and the format
   continual-student  the fixture student's shape; knows the *format* only: the same questions
                      about other people with random answers, so it reads the name and writes the
@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.quality_models import Recipe, build_trained
 from kd_worker.fixtures.tinymodels import QWEN_TOKENIZER, ModelSpec, spec_digest
+from kd_worker.fixtures.trained import Recipe, build
 
 TASK_VERSION = 1
 N_PHRASINGS = 4
@@ -166,5 +166,5 @@ def build_models(root: Path, say: Callable[[str], None] = print) -> dict[str, Pa
         }
         digest = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
         draw = draw_facts(recipe.batch_size, facts, pool, KNOWN_SHARE[name])
-        out[name] = build_trained(spec, recipe, digest, root, say, draw)
+        out[name] = build(spec, recipe, root, say, draw=(draw, digest))
     return out

@@ -62,6 +62,10 @@ class KDConfig(BaseModel):
     gen_top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     gen_batch_size: Annotated[int, Field(ge=1, le=256)] = 8
 
+    # Readable held-out samples in kd_metrics.json: the student's greedy answers before and after
+    # training for the first `samples` held-out prompts (0: none; engine.samples)
+    samples: Annotated[int, Field(ge=0, le=64)] = 3
+
     # Cross-tokenizer distillation (teacher and student tokenizers differ)
     xtok_unaligned: Literal["ce", "uld"] = "uld"  # loss at positions without an alignment (CE always applies)
     xtok_uld_weight: Annotated[float, Field(ge=0.0, le=100.0)] = 1.0  # ULD term relative to the per-token KL

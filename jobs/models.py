@@ -32,6 +32,7 @@ PRIORITIES: tuple[Priority, ...] = get_args(Priority)
 
 _DOMAIN_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_JOB_ID_RE = re.compile(r"kd-[a-z][a-z0-9_]{0,31}-[0-9a-f]{20}")  # KDJob.dedup_key
 
 
 def check_domain(value: str) -> str:
@@ -47,6 +48,16 @@ def check_model_name(value: str | None) -> str | None:
     # A job may only name a model under the worker's models root: a bare directory name.
     if value is not None and not _MODEL_NAME_RE.fullmatch(value):
         raise ValueError(f"model name {value!r} must be a directory name under the worker's models root (no '/')")
+    return value
+
+
+def check_job_id(value: str) -> str:
+    """A job id as `KDJob.dedup_key` makes them (what `kd-client submit` prints)."""
+    if not isinstance(value, str) or not _JOB_ID_RE.fullmatch(value):
+        raise ValueError(
+            f"job id {value!r} is not a kd-daemon job id: they look like kd-memory-0123456789abcdef0123 "
+            "(printed by `kd-client submit`, listed by `kd-client list`)"
+        )
     return value
 
 

@@ -424,6 +424,28 @@ def move_pointer(conn: Redis, domain: str, to: int | None = None) -> tuple[int, 
     return int(reply[2]), int(reply[1])
 
 
+def rollback(
+    settings: ClientSettings, connect: Callable[[], Redis], domain: str, to: int | None = None
+) -> tuple[int, list[str]]:
+    """Roll `domain` back where its history lives, for `kd-client rollback` and the dashboard: the local
+    directory alone (KD_PUBLISH_TO=local and KD_ADAPTERS_SOURCE=local; Redis is not used), else the
+    pointer in Redis that every consumer follows, then this machine's directory from it (unless it only
+    publishes to Redis). Returns the version now current and what moved, one line each."""
+    if settings.publish_to == "local" and settings.adapters_source == "local":
+        v = publisher.rollback(settings.adapters_dir, domain, to)
+        return v.number, [f"{domain}: current is now v{v.number} ({v.path})"]
+    conn = connect()
+    was, now = move_pointer(conn, domain, to)
+    lines = [f"{domain}: current in Redis is now v{now} (was v{was}); every consumer follows"]
+    if settings.publish_to != "redis":  # this machine's adapters_dir follows at once
+        lines.append(
+            describe(
+                sync_domain(conn, settings.adapters_dir, domain, settings.keep_versions, settings.max_adapter_bytes)
+            )
+        )
+    return now, lines
+
+
 # --- pull: consumers -----------------------------------------------------------------------------------
 def _manifest_sha(version_dir: Path) -> str | None:
     try:

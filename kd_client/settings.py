@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 from jobs.settings import QueueSettings
 
@@ -39,3 +39,19 @@ class ClientSettings(QueueSettings):
     )  # times the oldest request may be passed over for the installed domain
     serve_watch_debounce_ms: int = Field(default=200, ge=1)  # how long a burst of publishes is gathered
     serve_force_polling: bool = False  # poll adapters_kd/ (network filesystems)
+
+    # `kd-client dashboard`: rollback and cancel need this token (typed into the form); unset, they are disabled
+    dashboard_token: SecretStr | None = None
+
+    @field_validator("dashboard_token", mode="before")
+    @classmethod
+    def _dashboard_token(cls, v: object) -> object:
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None  # set but empty: the actions stay disabled
+        raw = v.get_secret_value() if isinstance(v, SecretStr) else str(v)
+        if len(raw) < 12:
+            raise ValueError(
+                "KD_DASHBOARD_TOKEN is shorter than 12 characters; use a random one, e.g. "
+                "python3 -c 'import secrets; print(secrets.token_urlsafe(24))'"
+            )
+        return v

@@ -223,14 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.set_defaults(func=cmd_run)
 
-    dm = sub.add_parser("demo", help="build tiny models, start Redis + a worker, distil `memory`, show the result")
+    dm = sub.add_parser(
+        "demo",
+        help="train a tiny teacher and student base (once), start Redis + a worker, distil the `digits` domain, "
+        "show what the student learned",
+    )
     dm.add_argument(
         "--dir",
         default=".kd/demo",
         help="where the demo models, Redis data, work dir, logs and the plot "
         "go (the adapter goes to KD_ADAPTERS_DIR, default ./adapters_kd)",
     )
-    dm.add_argument("--iterations", type=int, default=200, help="training steps of the demo job")
+    dm.add_argument("--iterations", type=int, default=250, help="training steps of the demo job")
     dm.set_defaults(func=cmd_demo)
 
     from kd_worker.ops.service import add_service_parser

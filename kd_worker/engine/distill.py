@@ -27,6 +27,7 @@ from kd_worker.engine.data import Example, StudentSequence, render_prompt, split
 from kd_worker.engine.hooks import Hooks
 from kd_worker.engine.models import LoadedModel
 from kd_worker.engine.objective import Objective
+from kd_worker.engine.samples import Probe
 from kd_worker.engine.teacher import Teacher
 from kd_worker.engine.trainer import TrainSchedule, adapter_weights, attach_lora, train
 from kd_worker.engine.types import Candidate, Continual, DistillRequest, Prepared, Scored
@@ -135,6 +136,8 @@ def distill(
     continual = continual or Continual()
     train_ex, val_ex = split_examples(examples, cfg.val_fraction, cfg.seed)
     data = prepare(teacher, student, train_ex, val_ex, cfg, hooks, continual)
+    probe = Probe.choose(val_ex, data.val, cfg.samples)  # readable held-out answers, before and after
+    before = probe.greedy(student, cfg, hooks)
     attach_lora(student.model, cfg)
     require_trainable(student, cfg)
     identity = outputs.identity_doc(teacher.lm, student, cfg, data.plan)
@@ -143,4 +146,7 @@ def distill(
     objective = Objective.from_config(cfg, data.plan.student_vocab)
     batches = training_batches(data.train, data.replay, cfg.batch_size, cfg.replay, cfg.seed)
     result = train(student, batches, objective, store, hooks, TrainSchedule.from_config(cfg), data.val)
-    return Candidate(request, cfg, teacher.lm, student, data, result, store, len(examples), identity, init)
+    samples = probe.documents(student, before, probe.greedy(student, cfg, hooks))
+    return Candidate(
+        request, cfg, teacher.lm, student, data, result, store, len(examples), identity, init=init, samples=samples
+    )

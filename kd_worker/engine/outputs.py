@@ -74,6 +74,7 @@ def metrics_doc(c: Candidate, gate: dict[str, Any]) -> dict[str, Any]:
         },
         "vocabulary": {"mode": data.plan.mode, "notes": list(data.plan.notes)},
         "continual": continual_doc(c),
+        "samples": c.samples,
         **({"xtok": xtok.coverage_report(seqs)} if data.plan.mode == "cross" else {}),
     }
 

@@ -85,6 +85,7 @@ class Candidate:
     n_examples: int
     identity: dict[str, Any]  # teacher, student, vocabulary and adapter shape (outputs.identity_doc)
     init: dict[str, Any] = field(default_factory=lambda: {"requested": "base", "used": "base"})  # warm start
+    samples: list[dict[str, str]] = field(default_factory=list)  # engine.samples: held-out answers before/after
 
     @property
     def after(self) -> dict[str, float]:

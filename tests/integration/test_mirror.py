@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -127,6 +128,36 @@ def test_a_rollback_in_redis_reaches_the_consumer(conn, hosts, small_chunks):
         mirror.move_pointer(conn, "memory", to=7)
     publish_on_b(conn, b, 3)  # after a rollback the next version is numbered past every retained one
     assert mirror.sync_domain(conn, a, "memory").version == 3
+
+
+@pytest.mark.parametrize("publish_to, moves_redis", [("local", False), ("both", True), ("redis", True)])
+def test_the_dashboards_rollback_moves_the_history_consumers_follow(conn, hosts, small_chunks, publish_to, moves_redis):
+    """kd-client rollback and the dashboard share mirror.rollback: with KD_PUBLISH_TO=redis|both a local-only
+    rollback would be undone by the next sync, so the pointer in Redis moves and consumers follow."""
+    from starlette.testclient import TestClient
+
+    from kd_client.dashboard.app import create_app
+    from kd_client.settings import ClientSettings
+
+    b, a = hosts
+    for tag in (1, 2):
+        publish_on_b(conn, b, tag)
+    mirror.sync_domain(conn, a, "memory")
+    settings = ClientSettings(adapters_dir=b, dashboard_token="a-long-dashboard-token", publish_to=publish_to)
+    base = "http://127.0.0.1:8741"
+    c = TestClient(create_app(settings, conn=conn), base_url=base)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', c.get("/domains/memory").text).group(1)
+    r = c.post(
+        "/domains/memory/rollback",
+        data={"to": "1", "token": "a-long-dashboard-token", "csrf": csrf},
+        headers={"origin": base, "sec-fetch-site": "same-origin"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303 and r.headers["location"] == "/domains/memory?rolled_back=1"
+    assert mirror.read_pointer(conn, "memory").version == (1 if moves_redis else 2)
+    assert publisher.resolve(b, "memory").number == (2 if publish_to == "redis" else 1)  # redis-only: B's dir stays
+    mirror.sync_domain(conn, a, "memory")
+    assert publisher.resolve(a, "memory").number == (1 if moves_redis else 2)
 
 
 def test_redis_keeps_the_newest_versions_and_only_their_blobs(conn, hosts, small_chunks):
