@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from jobs.config import parse_overrides
 from jobs.errors import KDError
 from jobs.models import PRIORITIES
-from kd_client.cli import EXIT_OK, EXIT_SPOOLED, watch
+from kd_client.exitcodes import EXIT_OK, EXIT_SPOOLED
+
+Watch = Callable[..., int]  # kd_client.cli.watch(settings, job_id, quiet=...): follows a job to its exit code
 
 
 def _corpus(args, settings):
@@ -108,7 +112,7 @@ def cmd_data_forget(args, settings) -> int:
     return EXIT_OK
 
 
-def cmd_data_rebuild(args, settings) -> int:
+def cmd_data_rebuild(args, settings, watch: Watch) -> int:
     """One job on the corpus's training members, from the base, without replay (its split holds out its own)."""
     from kd_client.api import KDClient
 
@@ -132,7 +136,7 @@ def cmd_data_rebuild(args, settings) -> int:
     return EXIT_SPOOLED if rec.spooled else EXIT_OK
 
 
-def add_data_parser(sub) -> None:
+def add_data_parser(sub, watch: Watch) -> None:
     da = sub.add_parser(
         "data",
         help="a domain's corpus (every example its jobs recorded): list, stats, export, forget, rebuild",
@@ -167,4 +171,4 @@ def add_data_parser(sub) -> None:
     rb.add_argument("--submitter", default="kd-client rebuild")
     rb.add_argument("--wait", action="store_true", help="follow the job until it ends (exit code = outcome)")
     rb.add_argument("--json", action="store_true")
-    rb.set_defaults(func=cmd_data_rebuild)
+    rb.set_defaults(func=partial(cmd_data_rebuild, watch=watch))
