@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the demo models, Redis data, work dir, logs and the plot "
         "go (the adapter goes to KD_ADAPTERS_DIR, default ./adapters_kd)",
     )
-    dm.add_argument("--iterations", type=int, default=250, help="training steps of the demo job")
+    dm.add_argument("--iterations", type=int, default=150, help="training steps of the demo job")
     dm.set_defaults(func=cmd_demo)
 
     from kd_worker.ops.service import add_service_parser
