@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo lint test test-slow test-all bench doctor clean
+.PHONY: setup demo lint test test-slow test-all bench bench-continual doctor clean
 
 setup:
 	@bash scripts/setup.sh
@@ -31,6 +31,10 @@ test-all: setup
 ## All benchmarks; tables printed, JSON written to bench/results/.
 bench: setup
 	$(PY) -m bench.run_all
+
+## Continual distillation: retention over 5 jobs of disjoint facts, 3 seeds (long; not in `make bench`).
+bench-continual: setup
+	$(PY) -m bench.continual
 
 doctor: setup
 	$(VENV)/bin/kd-worker doctor

@@ -121,10 +121,7 @@ def print_outcome(outcome: dict[str, Any], as_json: bool) -> None:
             f"published {outcome['domain']} v{outcome['version']}: {outcome['adapter_path']} ({gate['reason']})"
         )
     else:
-        console.print(
-            f"[yellow]not published[/]: {gate['reason']} (candidate KL {gate.get('candidate_kl'):.4f} > "
-            f"published {gate.get('published_kl'):.4f}); rerun with --force to publish anyway"
-        )
+        console.print(f"[yellow]not published[/]: {gate['reason']}; rerun with --force to publish anyway")
 
 
 def cmd_run(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
@@ -195,7 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--only", nargs="+", help="build only these fixtures")
     m.set_defaults(func=cmd_make_models)
 
-    x = sub.add_parser("distill", help="run one distillation job in-process (no Redis) and publish the adapter")
+    x = sub.add_parser(
+        "distill",
+        help="run one distillation job in-process (no Redis) and publish the adapter",
+        description="One job in-process, without Redis: no corpus, so no replay and no regression set. By default "
+        "(init=current) it starts from the domain's published adapter under --out when it is compatible; "
+        "--set init=base trains a fresh LoRA.",
+    )
     x.add_argument("--domain", required=True, help="neuron name, e.g. memory")
     x.add_argument("--prompts", action="append", metavar="FILE", help='JSONL of {"prompt": ...} or {"messages": [...]}')
     x.add_argument("--corrections", action="append", metavar="FILE", help='JSONL of {"prompt": ..., "response": ...}')
