@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo lint test test-slow test-all bench bench-realsize doctor clean
+.PHONY: setup demo lint test test-slow test-all bench bench-realsize bench-continual doctor clean
 
 setup:
 	@bash scripts/setup.sh
@@ -36,6 +36,10 @@ bench: setup
 ## .kd/realsize, 30-60 min on 2 cores; writes bench/results/realsize.json.
 bench-realsize: setup
 	$(PY) -m bench.realsize
+
+## Continual distillation: retention over 5 jobs of disjoint facts, 3 seeds (long; not in `make bench`).
+bench-continual: setup
+	$(PY) -m bench.continual
 
 doctor: setup
 	$(VENV)/bin/kd-worker doctor

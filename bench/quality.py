@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.quality --rows all       # + T/alpha sweep, top-k, cross-tokenizer
     .venv/bin/python -m bench.quality --rows sweep,xtok --seeds 0,1,2,3,4
 
-Task (bench/quality_task.py): questions about short digit lists, some with one correct answer
+Task (kd_worker/fixtures/digits.py): questions about short digit lists, some with one correct answer
 (max/min), some with a *set* of correct answers (even/odd/above k/below k) over which the
 teacher spreads its probability. Models (bench/quality_models.py): a teacher trained from
 scratch to be competent, a smaller student pretrained on the format only; built once,
@@ -43,8 +43,8 @@ import numpy as np
 
 from bench import quality_eval as qe
 from bench import quality_models as qm
-from bench import quality_task as task
 from bench.common import report  # first: loads OpenBLAS before mlx
+from kd_worker.fixtures import digits as task
 from kd_worker.fixtures.demo import child_env, venv_bin
 
 EVAL_VERSION = 1

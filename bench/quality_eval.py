@@ -1,6 +1,6 @@
 """Held-out metrics of a student against the teacher, computed here (not by the engine):
 
-accuracy     exact match of the greedy answer against the correct set (`quality_task.check`)
+accuracy     exact match of the greedy answer against the correct set (`fixtures.digits.check`)
 kl           KL(teacher || student) at T=1 over the *full* vocabulary, per response token, on
              responses the teacher sampled (T=1) for the held-out prompts, EOS included
              (the engine's own `kl` is over the top-k + tail buckets: a lower bound)
@@ -25,9 +25,9 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 
-from bench import quality_task as task
 from kd_worker.engine.data import render_prompt
 from kd_worker.engine.teacher import generate, make_sampler
+from kd_worker.fixtures import digits as task
 
 DIGITS = [str(d) for d in range(10)]
 

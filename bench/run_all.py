@@ -24,6 +24,8 @@ FULL = [
     ["bench.resident", "--shape", "medium"],
     ["bench.hotswap"],
     ["bench.serve"],
+    ["bench.sync"],
+    ["bench.continual"],  # the longest (about an hour on 2 shared cores); also `make bench-continual`
 ]
 QUICK = {
     "bench.step": ["--vocab", "2048", "32000"],
@@ -31,6 +33,8 @@ QUICK = {
     "bench.scaling": ["--sizes", "12", "24", "48"],
     "bench.queue": ["--jobs", "4"],
     "bench.serve": ["--shapes", "tiny"],
+    "bench.sync": ["--shapes", "tiny"],
+    "bench.continual": ["--jobs", "3", "--seeds", "0", "--rows", "fresh", "warm+replay", "--name", "continual-quick"],
 }
 
 

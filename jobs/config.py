@@ -45,12 +45,26 @@ class KDConfig(BaseModel):
     save_every: PositiveInt = 100
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
 
+    # The continual loop (README "The continual loop"): history replay and warm start. `replay` is the
+    # share of each training batch drawn from the domain's corpus (earlier jobs' training examples, at most
+    # `replay_max_examples` of them, chosen once per run); `init="current"` starts from the domain's
+    # published adapter when its student and LoRA shape match (otherwise from the base, with a warning).
+    # Defaults from bench/continual.py (README table): together they keep 97% of job 1's gain after 5 jobs
+    # at 0.9x the CPU of a fresh LoRA; either alone keeps 56% (replay) or less than none (warm start).
+    replay: Annotated[float, Field(ge=0.0, le=0.9)] = 0.5
+    replay_max_examples: Annotated[int, Field(ge=0, le=100_000)] = 512
+    init: Literal["base", "current"] = "current"
+
     # Teacher generation; top_p is applied on a top-k pre-selection, never a full sort.
     gen_max_tokens: Annotated[int, Field(ge=1, le=32768)] = 128
     gen_temperature: Annotated[float, Field(ge=0.0, le=5.0)] = 0.7
     gen_top_k: Annotated[int, Field(ge=0, le=65536)] = 40
     gen_top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     gen_batch_size: Annotated[int, Field(ge=1, le=256)] = 8
+
+    # Readable held-out samples in kd_metrics.json: the student's greedy answers before and after
+    # training for the first `samples` held-out prompts (0: none; engine.samples)
+    samples: Annotated[int, Field(ge=0, le=64)] = 3
 
     # Cross-tokenizer distillation (teacher and student tokenizers differ)
     xtok_unaligned: Literal["ce", "uld"] = "uld"  # loss at positions without an alignment (CE always applies)

@@ -32,6 +32,7 @@ PRIORITIES: tuple[Priority, ...] = get_args(Priority)
 
 _DOMAIN_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_JOB_ID_RE = re.compile(r"kd-[a-z][a-z0-9_]{0,31}-[0-9a-f]{20}")  # KDJob.dedup_key
 
 
 def check_domain(value: str) -> str:
@@ -47,6 +48,16 @@ def check_model_name(value: str | None) -> str | None:
     # A job may only name a model under the worker's models root: a bare directory name.
     if value is not None and not _MODEL_NAME_RE.fullmatch(value):
         raise ValueError(f"model name {value!r} must be a directory name under the worker's models root (no '/')")
+    return value
+
+
+def check_job_id(value: str) -> str:
+    """A job id as `KDJob.dedup_key` makes them (what `kd-client submit` prints)."""
+    if not isinstance(value, str) or not _JOB_ID_RE.fullmatch(value):
+        raise ValueError(
+            f"job id {value!r} is not a kd-daemon job id: they look like kd-memory-0123456789abcdef0123 "
+            "(printed by `kd-client submit`, listed by `kd-client list`)"
+        )
     return value
 
 
@@ -164,6 +175,71 @@ def run_id(job_id: str, ticket: int) -> str:
 
 def health_key(worker_name: str) -> str:
     return f"kd:health:{worker_name}"
+
+
+# The continual loop's per-domain memory (kd_client.corpus reads and writes these; jobs.corpus is the record).
+def corpus_key(domain: str) -> str:
+    """Hash example key -> CorpusRecord JSON: the domain's examples, each stored once."""
+    return f"kd:corpus:{domain}"
+
+
+def corpus_order_key(domain: str) -> str:
+    """Sorted set example key -> insertion sequence number (oldest first)."""
+    return f"kd:corpus:{domain}:order"
+
+
+def corpus_held_out_key(domain: str) -> str:
+    """Set of the example keys some job held out: never replayed."""
+    return f"kd:corpus:{domain}:held_out"
+
+
+def corpus_meta_key(domain: str) -> str:
+    """Hash of counters: seq (last sequence number), bytes (stored record bytes), offered (examples
+    offered to the regression reservoir so far)."""
+    return f"kd:corpus:{domain}:meta"
+
+
+def regression_key(domain: str) -> str:
+    """Hash reservoir slot -> example key: the regression set of the domain's publish gate."""
+    return f"kd:regression:{domain}"
+
+
+# Published versions in Redis (KD_PUBLISH_TO=redis|both; kd_client/mirror.py owns the layout). Files are
+# content-addressed blobs, shared by versions and domains, counted in kd:pub:refs and deleted at zero.
+PUB_CHANNEL = "kd:pub:changed"  # PUBLISH <domain> after every pointer move: consumers wake up
+PUB_DOMAINS_KEY = "kd:pub:domains"  # set of domains with a pointer
+PUB_REFS_KEY = "kd:pub:refs"  # hash blob sha256 -> retained versions that reference it
+
+
+def pub_blob_key(sha256: str) -> str:
+    """A chunk of a file (at most 4 MiB) or a manifest, under its own sha256."""
+    return f"kd:pub:blob:{sha256}"
+
+
+def pub_current_key(domain: str) -> str:
+    """JSON {"version", "manifest_sha256"}: the domain's current version, moved atomically."""
+    return f"kd:pub:current:{domain}"
+
+
+def pub_versions_key(domain: str) -> str:
+    """Hash version -> JSON record (manifest sha256, each file's chunks) of the retained versions."""
+    return f"kd:pub:versions:{domain}"
+
+
+def pub_seq_key(domain: str) -> str:
+    """Highest version number reserved for the domain: one numbering for every worker."""
+    return f"kd:pub:seq:{domain}"
+
+
+def pub_key_types(domain: str) -> dict[str, str]:
+    """The Redis type of each published-versions key of a domain (and the shared ones)."""
+    return {
+        pub_current_key(domain): "string",
+        pub_versions_key(domain): "hash",
+        pub_seq_key(domain): "string",
+        PUB_DOMAINS_KEY: "set",
+        PUB_REFS_KEY: "hash",
+    }
 
 
 def domain_key_types(domain: str) -> dict[str, str]:

@@ -44,7 +44,6 @@ from jobs import durable, jsonsafe
 from jobs.errors import PublishError, SecurityError
 from jobs.models import check_domain
 from jobs.safefs import (  # noqa: F401 (locked, write_bytes_atomic, sha256_file: used through this module too)
-    fsync_dir,
     is_real_dir,
     locked,
     open_dir,
@@ -164,6 +163,12 @@ def verify(version_dir: Path) -> dict[str, Any]:
     """The manifest of a version after checking every file's size and sha256 (PublishError if not).
     Files are regular files inside the version (a link there does not match)."""
     manifest = read_manifest(version_dir)
+    check_files(version_dir, manifest)
+    return manifest
+
+
+def check_files(version_dir: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest names is a regular file inside `version_dir` with its size and sha256."""
     try:
         files = [(rel, int(meta["size"]), str(meta["sha256"])) for rel, meta in manifest["files"].items()]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -179,7 +184,6 @@ def verify(version_dir: Path) -> dict[str, Any]:
             ok = False
         if not ok:
             raise PublishError(f"{p} does not match its manifest (partial or modified version)")
-    return manifest
 
 
 def _pointer_target(d: Path, dir_fd: int | None = None) -> str | None:
@@ -340,22 +344,86 @@ def _prune(d: Path, vfd: int, keep: int) -> None:
 
 
 def _stage(stage: Path, write: Callable[[Path], None], summary: dict[str, Any], number: int) -> None:
-    """Write and fsync a version in a hidden dir of the domain."""
+    """Write a version and its manifest in a hidden dir of the domain."""
     d = stage.parent
     write(stage)
     files = {str(p.relative_to(stage)): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in _files(stage)}
     write_json_atomic(stage / MANIFEST, {"domain": d.name, "version": number, "files": files, "summary": summary})
-    for p in _files(stage):
-        with open(p, "rb") as f:
-            durable.fsync(f.fileno())
-    fsync_dir(stage)
 
 
-def publish(root: Path, domain: str, write: Callable[[Path], None], summary: dict[str, Any], keep: int = 5) -> Version:
+def publish(
+    root: Path,
+    domain: str,
+    write: Callable[[Path], None],
+    summary: dict[str, Any],
+    keep: int = 5,
+    first_number: int = 1,
+) -> Version:
     """Stage -> fsync -> rename to an immutable version -> swap `current` -> links -> summary -> prune.
     Any failure before the swap leaves the previous version current and nothing a reader can see;
-    a failure after it says that the new version is current (the summary is repaired later)."""
-    root = Path(root)
+    a failure after it says that the new version is current (the summary is repaired later).
+    The version's number is the next free one, at least `first_number` (a number reserved in Redis)."""
+
+    def place(d: Path, dfd: int, vfd: int) -> tuple[Version, dict[str, Any]]:
+        number = max(_listing(d, vfd)[1] + 1, first_number)
+        version = Version(domain, number, d / VERSIONS / version_name(number))
+        entry = {**summary, "version": number, "path": f"{domain}/{VERSIONS}/{version.name}", "published_at": now_iso()}
+        _place(d, dfd, vfd, version, lambda stage: _stage(stage, write, entry, number), "publishing")
+        return version, entry
+
+    return _locked_publish(Path(root), domain, keep, place)
+
+
+def install(
+    root: Path, domain: str, number: int, write_files: Callable[[Path], None], manifest: bytes, keep: int = 5
+) -> Version:
+    """Make a version published elsewhere (`kd-client sync`) current here, as `publish` would: its
+    number and its manifest bytes unchanged. `write_files(stage)` writes the manifest's files; each
+    is checked against the manifest before the version is renamed into place, so a partial or
+    corrupt transfer leaves the previous version current (PublishError)."""
+    try:
+        doc = jsonsafe.loads(manifest)
+    except ValueError as e:
+        raise PublishError(f"installing {domain} v{number}: the manifest is not JSON ({e})") from e
+    if not isinstance(doc, dict) or (doc.get("domain"), doc.get("version")) != (domain, number):
+        raise PublishError(f"installing {domain} v{number}: the manifest names another domain or version")
+
+    def fill(stage: Path) -> None:
+        write_files(stage)
+        with os.fdopen(
+            os.open(stage / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb"
+        ) as f:
+            f.write(manifest)
+        check_files(stage, doc)
+
+    def place(d: Path, dfd: int, vfd: int) -> tuple[Version, dict[str, Any]]:
+        version = Version(domain, number, d / VERSIONS / version_name(number))
+        if _exists_at(version.name, vfd):
+            raise PublishError(
+                f"installing {domain} v{number}: {version.path} already exists (another version {number}); "
+                "remove it, or sync into a directory of its own"
+            )
+        _place(d, dfd, vfd, version, fill, "installing")
+        summary = doc.get("summary")
+        return version, {**(summary if isinstance(summary, dict) else {}), "installed_at": now_iso()}
+
+    return _locked_publish(Path(root), domain, keep, place)
+
+
+def _exists_at(name: str, dir_fd: int) -> bool:
+    try:
+        os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+Place = Callable[[Path, int, int], tuple[Version, dict[str, Any]]]
+
+
+def _locked_publish(root: Path, domain: str, keep: int, place: Place) -> Version:
+    """Under the domain's lock: clear debris, `place` a version (stage, rename, swap), then the
+    links, the summary and pruning."""
     d = domain_dir(root, domain)
     with contextlib.ExitStack() as stack:
         try:
@@ -368,7 +436,7 @@ def publish(root: Path, domain: str, write: Callable[[Path], None], summary: dic
         # debris of a crashed publish (we hold the lock)
         for stale in [n for n in os.listdir(dfd) if n.startswith(".staging-")]:
             remove_at(stale, dfd, d / stale)
-        version, entry = _publish_locked(d, dfd, vfd, write, summary)
+        version, entry = place(d, dfd, vfd)
         problems = _after_swap(root, d, dfd, version, entry)
         _prune(d, vfd, keep)
         if problems:
@@ -379,19 +447,15 @@ def publish(root: Path, domain: str, write: Callable[[Path], None], summary: dic
     return version
 
 
-def _publish_locked(
-    d: Path, dfd: int, vfd: int, write: Callable[[Path], None], summary: dict[str, Any]
-) -> tuple[Version, dict[str, Any]]:
-    """Stage, rename into versions/, swap the pointer: the version and its summary entry."""
+def _place(d: Path, dfd: int, vfd: int, version: Version, fill: Callable[[Path], None], verb: str) -> None:
+    """Stage (`fill` a hidden dir, fsync it), rename into versions/, swap the pointer."""
     domain, stage = d.name, None
     try:
         previous = _pointer_target(d, dfd)
-        number = _listing(d, vfd)[1] + 1
-        version = Version(domain, number, d / VERSIONS / version_name(number))
-        entry = {**summary, "version": number, "path": f"{domain}/{VERSIONS}/{version.name}", "published_at": now_iso()}
         stage = f".staging-{uuid.uuid4().hex}"
         os.mkdir(stage, dir_fd=dfd)
-        _stage(d / stage, write, entry, number)
+        fill(d / stage)
+        durable.fsync_tree(d / stage)
         os.rename(stage, version.name, src_dir_fd=dfd, dst_dir_fd=vfd)
         stage = None
         durable.fsync(vfd)
@@ -399,7 +463,7 @@ def _publish_locked(
         if stage is not None:
             remove_at(stage, dfd, d / stage)
         hint = " (disk full)" if e.errno == errno.ENOSPC else ""
-        raise PublishError(f"publishing {domain} failed{hint}: {e}; the previous version stays current") from e
+        raise PublishError(f"{verb} {domain} failed{hint}: {e}; the previous version stays current") from e
     except BaseException:
         if stage is not None:
             remove_at(stage, dfd, d / stage)
@@ -410,12 +474,11 @@ def _publish_locked(
         _swap_pointer(dfd, version)
     except OSError as e:
         if _pointer_target(d, dfd) == f"{VERSIONS}/{version.name}":  # swapped, only the directory fsync failed
-            raise PublishError(f"{domain} v{number} is current; syncing the pointer failed: {e}") from e
+            raise PublishError(f"{domain} v{version.number} is current; syncing the pointer failed: {e}") from e
         remove_at(version.name, vfd, version.path)  # never current, so no reader has it
         raise PublishError(
-            f"publishing {domain} failed at the pointer swap: {e}; the previous version stays current"
+            f"{verb} {domain} failed at the pointer swap: {e}; the previous version stays current"
         ) from e
-    return version, entry
 
 
 def _after_swap(root: Path, d: Path, dfd: int, version: Version, entry: dict[str, Any]) -> list[str]:

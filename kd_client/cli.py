@@ -1,5 +1,6 @@
 """`kd-client`: submit distillation jobs and follow them. Talks to Redis only (and reads the
-local adapters directory for `summary`, `rollback`, `follow`); never imports the worker."""
+local adapters directory for `summary`, `rollback`, `follow`, `serve`; `sync` writes it from
+Redis); never imports the worker."""
 
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ from typing import Any
 
 from jobs.config import parse_overrides
 from jobs.errors import KDError
-from jobs.models import DOMAINS, PRIORITIES
+from jobs.models import DOMAINS, PRIORITIES, check_job_id
 from jobs.records import DataKind, read_records
+from kd_client.cli_data import add_data_parser  # kd-client data: the domain corpus
+from kd_client.exitcodes import EXIT_CONFIG, EXIT_FAILED, EXIT_NOT_PUBLISHED, EXIT_OK, EXIT_SPOOLED, EXIT_STOPPED
 from kd_client.queue import check_data_size
-
-EXIT_OK, EXIT_FAILED, EXIT_NOT_PUBLISHED, EXIT_STOPPED, EXIT_SPOOLED, EXIT_CONFIG = 0, 1, 3, 4, 75, 78
-FINAL = {"finished", "failed", "stopped", "canceled"}
 
 
 def exit_code(row: dict[str, Any]) -> int:
@@ -155,19 +155,26 @@ def watch(settings, job_id: str, quiet: bool = False, poll_s: float = 0.5) -> in
         disable=quiet,
     )
     tasks: dict[str, Any] = {}
+    said: list[str] = []
     with bar:
         while True:
             job = Q.fetch(conn, job_id)
             if job is None:
                 raise KDError(f"no job {job_id!r}")
             row = Q.describe(job)
+            if not quiet and job.get_status(refresh=False) in Q.WAITING:
+                lines = Q.waiting_lines(Q.waiting(conn, settings, job))
+                if lines != said:  # said again only when the place or the workers change
+                    for line in lines:
+                        bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+                    said = lines
             p = row.get("progress") or {}
             if p.get("phase"):
                 if p["phase"] not in tasks:
                     tasks[p["phase"]] = bar.add_task(p["phase"], total=max(p.get("total") or 1, 1), info="")
                 info = " ".join(f"{k}={v:.3f}" for k, v in (p.get("metrics") or {}).items())
                 bar.update(tasks[p["phase"]], completed=p.get("step", 0), info=info)
-            if row["status"] in FINAL:
+            if row["status"] in Q.FINAL:
                 break
             time.sleep(poll_s)  # polling interval of a progress display
     if not quiet:
@@ -223,14 +230,70 @@ def cmd_summary(args, settings) -> int:
             f"{domain:12s} v{e.get('version')}  kl={after.get('kl', float('nan')):.4f}  "
             f"published {e.get('published_at')}  gate: {(e.get('gate') or {}).get('reason')}"
         )
+        if rejected := e.get("last_rejected"):
+            print(
+                f"{'':12s} last rejected: job {rejected.get('job_id')} ({rejected.get('at')}): {rejected.get('reason')}"
+            )
+        if args.samples:
+            print_samples(settings.adapters_dir, domain)
     return EXIT_OK
 
 
-def cmd_rollback(args, settings) -> int:
-    from jobs.publisher import rollback
+def print_samples(root: Path, domain: str) -> None:
+    """The current version's held-out samples (kd_metrics.json): prompt, teacher, before, after."""
+    from kd_client.dashboard.data import current_samples
 
-    v = rollback(settings.adapters_dir, args.domain, args.to)
-    print(f"{args.domain}: current is now v{v.number} ({v.path})")
+    samples, problem = current_samples(root, domain)
+    if problem:
+        print(f"  ({problem})")
+    for i, sample in enumerate(samples, start=1):
+        print(f"  sample {i}")
+        for key in ("prompt", "teacher", "before", "after"):
+            text = sample.get(key, "").replace("\n", "\n" + " " * 14)
+            print(f"    {key + ':':9s} {text}")
+
+
+def cmd_rollback(args, settings) -> int:
+    """Local versions (KD_PUBLISH_TO=local), or the pointer in Redis that every consumer follows (redis,
+    both, or a consumer with KD_ADAPTERS_SOURCE=redis), then this machine's directory from it."""
+    from kd_client import mirror
+    from kd_client.queue import connect
+
+    _, lines = mirror.rollback(settings, lambda: connect(settings), args.domain, args.to)
+    for line in lines:
+        print(line)
+    return EXIT_OK
+
+
+def cmd_sync(args, settings) -> int:
+    """Mirror the versions published in Redis into a local adapters directory (once, or --follow)."""
+    import signal
+    import threading
+
+    from kd_client import mirror
+
+    root = Path(args.adapters) if args.adapters else settings.adapters_dir
+    m = mirror.Mirror.from_settings(settings, root, args.domains)
+    if not args.follow:
+        results = m.sync_once()
+        for r in results:
+            print(mirror.describe(r))
+        if not results:
+            print("nothing is published in Redis")
+        return EXIT_FAILED if any(r.action == "failed" for r in results) else EXIT_OK
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    shown: dict[str, tuple[bool, int | None, str | None]] = {}
+
+    def report(results: list[mirror.SyncResult]) -> None:
+        for r in results:
+            key = (r.action == "failed", r.version, r.error)  # each change once, not once per pass
+            if shown.get(r.domain) != key:
+                shown[r.domain] = key
+                print(mirror.describe(r), flush=True)
+
+    m.follow(stop, report)
     return EXIT_OK
 
 
@@ -248,7 +311,9 @@ def cmd_flush(args, settings) -> int:
 def cmd_follow(args, settings) -> int:
     """Reference cortex consumer: hold a model, hot-swap each published adapter, answer a prompt."""
     from kd_client.follow import describe, follow
+    from kd_client.mirror import Mirror
 
+    from_redis = settings.adapters_source == "redis"
     try:
         follow(
             settings.adapters_dir,
@@ -259,6 +324,7 @@ def cmd_follow(args, settings) -> int:
             force_polling=args.poll or None,
             max_swaps=args.max_swaps,
             on_event=lambda e: print(describe(e), flush=True),
+            mirror=Mirror.from_settings(settings, settings.adapters_dir, [args.domain]) if from_redis else None,
         )
     except KeyboardInterrupt:
         pass
@@ -295,6 +361,32 @@ def _first_prompt(domain: str) -> str:
     return _records(str(path), "prompts")[0]["prompt"]
 
 
+def job_id_arg(value: str) -> str:
+    try:
+        return check_job_id(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def cmd_dashboard(args, settings) -> int:
+    """Serve the web dashboard (kd_client.dashboard) until interrupted."""
+    import uvicorn
+
+    from kd_client.dashboard.app import create_app
+    from kd_client.dashboard.security import is_loopback
+
+    token = "set" if settings.dashboard_token else "disabled: set KD_DASHBOARD_TOKEN to enable them"
+    if not is_loopback(args.host):
+        print(f"kd-client dashboard: WARNING: {args.host} is not loopback; the pages are visible to the network")
+    print(f"kd-client dashboard: http://{_url_host(args.host)}:{args.port}/  (rollback/cancel: {token})", flush=True)
+    uvicorn.run(create_app(settings, bind_host=args.host), host=args.host, port=args.port, log_level="warning")
+    return EXIT_OK
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kd-client", description="Submit kd-daemon distillation jobs and follow them.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -314,17 +406,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--student", help="student model directory name under the worker's KD_MODELS_ROOT")
     s.add_argument("--force", action="store_true", help="publish even if the publish gate finds a regression")
     s.add_argument("--submitter", default="kd-client")
-    s.add_argument("--wait", action="store_true", help="follow the job until it ends (exit code = outcome)")
+    s.add_argument(
+        "--wait", action="store_true", help="follow the job until it ends, as `watch` does (exit code = outcome)"
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_submit)
 
     for name, fn, helptext in (
         ("status", cmd_status, "one job's state, progress and outcome"),
-        ("watch", cmd_watch, "live progress bar until the job ends"),
+        ("watch", cmd_watch, "live progress until the job ends; while queued, its place and the workers serving it"),
         ("cancel", cmd_cancel, "cancel a queued job, or stop a running one at its next step"),
     ):
         c = sub.add_parser(name, help=helptext)
-        c.add_argument("job", help="job id (printed by submit)")
+        c.add_argument("job", type=job_id_arg, help="job id (printed by submit)")
         if name == "status":
             c.add_argument("--json", action="store_true")
         c.set_defaults(func=fn)
@@ -344,12 +438,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     sm = sub.add_parser("summary", help="the published adapters (adapters_kd/kd_summary.json)")
     sm.add_argument("--json", action="store_true")
+    sm.add_argument(
+        "--samples",
+        action="store_true",
+        help="also print each current version's held-out samples: prompt, teacher, student before and after",
+    )
     sm.set_defaults(func=cmd_summary)
 
-    rb = sub.add_parser("rollback", help="point a domain back at an earlier published version")
+    rb = sub.add_parser(
+        "rollback",
+        help="point a domain back at an earlier published version",
+        description="Moves adapters_dir's `current` (KD_PUBLISH_TO=local), or the domain's pointer in Redis that "
+        "every `kd-client sync` follows (KD_PUBLISH_TO=redis|both, or KD_ADAPTERS_SOURCE=redis), then this "
+        "machine's adapters_dir from it (not with KD_PUBLISH_TO=redis).",
+    )
     rb.add_argument("--domain", required=True)
     rb.add_argument("--to", type=int, help="version number (default: the one before the current)")
     rb.set_defaults(func=cmd_rollback)
+
+    sy = sub.add_parser(
+        "sync",
+        help="mirror the adapter versions published in Redis into a local adapters directory",
+        description="Installs each domain's current version from Redis (workers with KD_PUBLISH_TO=redis|both push "
+        "them) into the publisher's layout: staged, every file checked against the manifest the pointer names, "
+        "renamed into versions/NNNN with the source's number, then `current` swapped. A version held already is "
+        "pointed to (a rollback). A corrupt or partial transfer is never installed. --follow wakes on each "
+        "publish (Redis pub/sub) and re-reads the pointers every KD_SYNC_POLL_S seconds.",
+    )
+    sy.add_argument("--adapters", help="the local adapters directory (default: KD_ADAPTERS_DIR, adapters_kd)")
+    sy.add_argument("--domains", nargs="+", metavar="DOMAIN", help="only these domains (default: every published one)")
+    sy.add_argument("--follow", action="store_true", help="keep mirroring until SIGINT/SIGTERM")
+    sy.set_defaults(func=cmd_sync)
+
+    add_data_parser(sub, watch)
 
     fl = sub.add_parser(
         "flush", help="enqueue accumulated corrections now and deliver submissions spooled while Redis was unreachable"
@@ -378,6 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     sv.add_argument("--port", type=int, default=8080)
     sv.set_defaults(func=cmd_serve)
+
+    db = sub.add_parser(
+        "dashboard",
+        help="web dashboard: domains, versions, loss curves, samples, queue, workers; rollback and cancel",
+    )
+    db.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    db.add_argument("--port", type=int, default=8741)
+    db.set_defaults(func=cmd_dashboard)
     return p
 
 

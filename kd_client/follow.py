@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -22,6 +22,9 @@ from jobs import publisher
 from jobs.errors import ModelError
 from kd_client.hotswap import AdapterSlot, AdapterSwapError
 from kd_client.watcher import AdapterUpdate, AdapterWatcher
+
+if TYPE_CHECKING:
+    from kd_client.mirror import Mirror
 
 log = structlog.get_logger(__name__)
 
@@ -86,16 +89,17 @@ def follow(
     on_event: Callable[[FollowEvent], None] | None = None,
     max_swaps: int | None = None,
     wait_s: float = 0.5,
+    mirror: Mirror | None = None,
 ) -> int:
     """Hold `model_dir` loaded and follow `domain`'s published adapter until `stop_event` is set
     (or `max_swaps` versions were handled); returns the number of versions handled. The current
-    version, if any, is the first event."""
+    version, if any, is the first event. With a `mirror`, versions come from Redis (kd_client/mirror.py)."""
     publisher.domain_dir(Path(adapters_dir), domain)  # SecurityError for a bad name, before the load
     stop = stop_event or threading.Event()
     model, tokenizer, load_s = load_base(Path(model_dir))
     log.info("follow_started", domain=domain, model=str(model_dir), load_s=load_s)
     slot, handled = AdapterSlot(model), 0
-    with AdapterWatcher(adapters_dir, [domain], force_polling=force_polling) as watcher:
+    with AdapterWatcher(adapters_dir, [domain], force_polling=force_polling, mirror=mirror) as watcher:
         while not stop.is_set() and (max_swaps is None or handled < max_swaps):
             for update in watcher.take(wait_s):
                 event = swap_and_answer(slot, tokenizer, update, prompt, max_tokens, load_s)

@@ -20,9 +20,10 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
+from redis import RedisError
 
 from jobs import publisher
 from jobs.errors import KDError, ModelError
@@ -41,6 +42,9 @@ from kd_client.servejobs import (
     UnknownNeuron,
 )
 from kd_client.watcher import AdapterUpdate, AdapterWatcher, WatcherFailed
+
+if TYPE_CHECKING:
+    from kd_client.mirror import Mirror
 
 log = structlog.get_logger(__name__)
 
@@ -72,13 +76,19 @@ class Neurons:
         cache_entries: int = 8,
         debounce_ms: int = 200,
         force_polling: bool | None = None,
+        mirror: Mirror | None = None,
     ):
         self.model_dir, self.adapters_dir = Path(model_dir), Path(adapters_dir)
         self.max_prompt_tokens = max_prompt_tokens
         self.queue = JobQueue(max_queued, max_skips)
         self.cache = PromptCache(cache_entries)
+        self.mirror = mirror  # KD_ADAPTERS_SOURCE=redis: the watcher mirrors Redis into adapters_dir
         self.watcher = AdapterWatcher(
-            self.adapters_dir, on_change=self._observed, debounce_ms=debounce_ms, force_polling=force_polling
+            self.adapters_dir,
+            on_change=self._observed,
+            debounce_ms=debounce_ms,
+            force_polling=force_polling,
+            mirror=mirror,
         )
         self.served: dict[str, Served] = {}  # replaced whole by the MLX thread, read by the handlers
         self.refused: dict[str, dict[str, Any]] = {}  # domain -> {version, error} of the last refused version
@@ -169,6 +179,11 @@ class Neurons:
 
     def _install_published(self) -> None:
         """Every domain's current version, before the first request (the watcher brings changes)."""
+        if self.mirror is not None:  # the newest from Redis first; if Redis is away, what is here already
+            try:
+                self.mirror.sync_once()
+            except RedisError as e:
+                log.warning("serve_first_sync_failed", error=str(e))
         try:
             names = sorted(p.name for p in self.adapters_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
         except OSError:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry as RedisRetry
 from rq import Queue, Retry
 from rq.command import send_stop_job_command
 from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
@@ -48,6 +50,7 @@ from jobs.records import DataKind, read_records
 from kd_client.settings import ClientSettings
 
 RESTARTABLE = {JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
+FINAL = frozenset({"finished", "failed", "stopped", "canceled"})  # states a job never leaves
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,15 @@ def prepare_dataset(kind: DataKind, data: bytes, name: str, max_bytes: int) -> D
     return Dataset(kind, data, name, len(read_records(data, kind, name)))
 
 
-def connect(settings: ClientSettings) -> redis.Redis:
+def connect(settings: ClientSettings, retries: int | None = None) -> redis.Redis:
+    """A client with the producer's short timeouts; `retries=0` fails at once (a web page must not
+    hang through redis-py's default retries with backoff when Redis is down)."""
+    extra: dict[str, Any] = {} if retries is None else {"retry": RedisRetry(NoBackoff(), retries)}
     return redis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=settings.connect_timeout, socket_timeout=settings.socket_timeout
+        settings.redis_url,
+        socket_connect_timeout=settings.connect_timeout,
+        socket_timeout=settings.socket_timeout,
+        **extra,
     )
 
 
@@ -244,6 +253,49 @@ def cancel(conn: redis.Redis, job_id: str) -> str:
     raise KDError(
         f"job {job_id} is {status.value if status else 'unknown'}; only queued or running jobs can be canceled"
     )
+
+
+WAITING = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
+START_HINT = "start one with `kd-worker run` (or as a service: `kd-worker service install`)"
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Where a job that has not started stands: its queue, its place, and who could take it."""
+
+    queue: str
+    position: int | None  # 1-based place in its queue (None: deferred or scheduled, not in the list yet)
+    queued: int  # jobs in its queue
+    ahead_higher: int  # jobs in higher-priority queues, which a worker takes first
+    workers: int  # live workers (health keys) listening to its queue and not shutting down
+
+
+def waiting(conn: redis.Redis, settings: ClientSettings, job: Job) -> Waiting:
+    """The job's place in its queue and the live workers that serve that queue."""
+    names = list(queue_names(settings.queue).values())  # priority order: high, normal, low
+    origin = job.origin
+    higher = names[: names.index(origin)] if origin in names else []
+    queue = Queue(origin, connection=conn, serializer=JSONSerializer)
+    pos = queue.get_job_position(job.id)  # 0-based, None when not in the list
+    serving = [w for w in workers(conn) if origin in (w.get("queues") or []) and not w.get("shutting_down")]
+    return Waiting(
+        queue=origin,
+        position=None if pos is None else pos + 1,
+        queued=queue.count,
+        ahead_higher=sum(Queue(n, connection=conn, serializer=JSONSerializer).count for n in higher),
+        workers=len(serving),
+    )
+
+
+def waiting_lines(w: Waiting) -> list[str]:
+    """What `watch` and the dashboard say about a waiting job; a second line when no worker serves it."""
+    place = f"position {w.position} of {w.queued} in {w.queue}" if w.position else f"not yet in {w.queue}"
+    ahead = f" ({w.ahead_higher} job{'s' * (w.ahead_higher != 1)} in higher-priority queues first)"
+    served = f"{w.workers} live worker{'s' * (w.workers != 1)} serve{'s' * (w.workers == 1)} {w.queue}"
+    lines = [f"waiting: {place}{ahead if w.ahead_higher else ''}; {served}"]
+    if not w.workers:
+        lines.append(f"no live worker serves queue {w.queue}: {START_HINT}")
+    return lines
 
 
 def workers(conn: redis.Redis) -> list[dict[str, Any]]:

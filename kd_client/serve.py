@@ -408,6 +408,9 @@ def serve(model: str, adapters: str, host: str, port: int, settings: ClientSetti
 
     key = settings.serve_api_key.get_secret_value() if settings.serve_api_key else None
     check_binding(host, key)
+    from kd_client.mirror import Mirror
+
+    mirror = Mirror.from_settings(settings, Path(adapters)) if settings.adapters_source == "redis" else None
     neurons = Neurons(
         Path(model),
         Path(adapters),
@@ -417,6 +420,7 @@ def serve(model: str, adapters: str, host: str, port: int, settings: ClientSetti
         cache_entries=settings.serve_prompt_cache_entries,
         debounce_ms=settings.serve_watch_debounce_ms,
         force_polling=settings.serve_force_polling or None,
+        mirror=mirror,
     ).start()
     try:
         config = uvicorn.Config(

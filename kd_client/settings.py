@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 from jobs.settings import QueueSettings
 
@@ -14,7 +15,10 @@ def _default_spool() -> Path:
 
 
 class ClientSettings(QueueSettings):
-    adapters_dir: Path = Path("adapters_kd")  # where `summary`, `rollback` and `follow` look
+    adapters_dir: Path = Path("adapters_kd")  # where `summary`, `rollback`, `follow`, `serve` and `sync` look
+    # redis: `serve` and `follow` mirror the versions published in Redis into adapters_dir first (kd_client/mirror.py)
+    adapters_source: Literal["local", "redis"] = "local"
+    sync_poll_s: float = Field(default=2.0, gt=0)  # a mirror re-reads the pointers this often besides pub/sub wake-ups
     spool_dir: Path = Field(default_factory=_default_spool)  # durable outbox when Redis is away
     connect_timeout: float = 1.0  # a producer never blocks long on a missing Redis
     socket_timeout: float = 5.0
@@ -35,3 +39,19 @@ class ClientSettings(QueueSettings):
     )  # times the oldest request may be passed over for the installed domain
     serve_watch_debounce_ms: int = Field(default=200, ge=1)  # how long a burst of publishes is gathered
     serve_force_polling: bool = False  # poll adapters_kd/ (network filesystems)
+
+    # `kd-client dashboard`: rollback and cancel need this token (typed into the form); unset, they are disabled
+    dashboard_token: SecretStr | None = None
+
+    @field_validator("dashboard_token", mode="before")
+    @classmethod
+    def _dashboard_token(cls, v: object) -> object:
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None  # set but empty: the actions stay disabled
+        raw = v.get_secret_value() if isinstance(v, SecretStr) else str(v)
+        if len(raw) < 12:
+            raise ValueError(
+                "KD_DASHBOARD_TOKEN is shorter than 12 characters; use a random one, e.g. "
+                "python3 -c 'import secrets; print(secrets.token_urlsafe(24))'"
+            )
+        return v

@@ -9,6 +9,10 @@ watchfiles batch, and a consumer that falls behind only ever sees the newest ver
 
 The thread only signals: no MLX here (cortex swaps weights on its own thread, kd_client/hotswap.py).
 
+With a `mirror` (kd_client/mirror.py; KD_ADAPTERS_SOURCE=redis for `kd-client serve` and `follow`)
+the thread mirrors the versions published in Redis into `root` instead of watching the file system,
+and reports what each pass made current: the same updates, for a machine that runs no worker.
+
     with AdapterWatcher("adapters_kd", domains=["memory"]) as w:
         for update in w.updates():          # on the caller's thread
             slot.apply(update.path)
@@ -21,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from watchfiles import Change, watch
@@ -29,6 +33,9 @@ from watchfiles import Change, watch
 from jobs import publisher
 from jobs.errors import KDError, PublishError, SecurityError
 from jobs.models import check_domain
+
+if TYPE_CHECKING:
+    from kd_client.mirror import Mirror
 
 log = structlog.get_logger(__name__)
 
@@ -76,8 +83,12 @@ class AdapterWatcher:
         rescan_s: float | None = None,
         poll_delay_ms: int = 300,
         verify_attempts: int = 3,
+        mirror: Mirror | None = None,
     ):
         self.root = Path(root).absolute()
+        if mirror is not None and mirror.root != self.root:
+            raise ValueError(f"the mirror writes into {mirror.root}, not into the watched {self.root}")
+        self.mirror = mirror
         self._roots = {self.root, self.root.resolve()}  # events may carry either (macOS: /private/var)
         self.domains = None if domains is None else tuple(publisher.domain_dir(self.root, d).name for d in domains)
         self.on_change = on_change
@@ -166,6 +177,10 @@ class AdapterWatcher:
             log.info("watcher_stopped", root=str(self.root))
 
     def _watch(self) -> None:
+        if self.mirror is not None:
+            self._scan(report=self.report_existing)  # what the directory held before the first pass
+            self.mirror.follow(self._stop, self._mirrored)
+            return
         while not self.root.is_dir():  # the root appears with the first publish
             if self._stop.wait(self.rescan_ms / 1000):
                 return
@@ -184,6 +199,11 @@ class AdapterWatcher:
         ):
             self._scan(report=True)  # a batch of events or a quiet period: resolve every pointer once
             self._ready.set()
+
+    def _mirrored(self, results: object) -> None:
+        """After each pass of the mirror: report what is current now (checked as always)."""
+        self._scan(report=True)
+        self._ready.set()
 
     def _relevant(self, change: Change, path: str) -> bool:
         """A domain's pointer or the domain dir itself (polling may only see the dir's mtime

@@ -43,7 +43,6 @@ class WorkerSettings(QueueSettings):
     # time to checkpoint the running job at its next training step and requeue it.
     shutdown_grace: int = Field(default=SHUTDOWN_GRACE_S, ge=5, le=3600)
     lost_job_grace: float = Field(default=60.0, gt=0)  # a "queued" job in no queue this long is requeued
-    keep_versions: int = Field(default=5, ge=1)  # published versions kept per domain
     kd_defaults: dict[str, Any] = Field(default_factory=dict)  # KDConfig defaults, JSON
     max_examples: int = Field(default=20_000, ge=1)
     # Bytes of MLX memory (resident models included) a job may reach: its plan is checked against it
@@ -52,6 +51,8 @@ class WorkerSettings(QueueSettings):
     max_job_memory: int | None = Field(default=None, ge=1)
     cache_student: bool = True  # keep the last student base resident between jobs
     gate_tolerance: float = Field(default=0.01, ge=0.0)  # relative held-out KL increase still published
+    # nats per token the regression-set KL may rise on top of gate_tolerance (bench/continual.py)
+    gate_regression_slack: float = Field(default=0.02, ge=0.0)
 
     @field_validator("teacher", "student", "models_root", "adapters_dir", "work_dir", "blas_library")
     @classmethod
@@ -64,6 +65,12 @@ class WorkerSettings(QueueSettings):
         if not v or len(v) > 100 or any(c.isspace() for c in v):
             raise ValueError(f"KD_WORKER_NAME={v!r}: use 1-100 characters without spaces")
         return v
+
+    @property
+    def publish_root(self) -> Path:
+        """Where this worker publishes: KD_ADAPTERS_DIR, or with KD_PUBLISH_TO=redis a copy of its own
+        (the gate's reference and the source of the push) that no consumer reads."""
+        return self.work_dir / "published" if self.publish_to == "redis" else self.adapters_dir
 
 
 def load_settings(**overrides: Any) -> WorkerSettings:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up for a fresh machine: system packages, virtualenv, the package.
 #   Linux (Debian/Ubuntu): redis-server and OpenBLAS via apt-get (no PyPI package ships an
-#   unprefixed cblas for MLX, nor a Redis server); macOS: redis via Homebrew.
+#   unprefixed cblas for MLX, nor a Redis server), and chromium + chromium-driver for the
+#   dashboard's browser test (Debian's own browser: nothing downloads one); macOS: redis via Homebrew.
 # Re-running is cheap: pip is skipped while pyproject.toml is unchanged.
 #
 #   scripts/setup.sh --check   only decide (platform, Python) and print the decision; change nothing.
@@ -81,7 +82,7 @@ install_system_packages() {  # $1: OS
     Linux)
       if command -v apt-get >/dev/null 2>&1; then
         local missing=() pkg
-        for pkg in redis-server libopenblas0-pthread; do
+        for pkg in redis-server libopenblas0-pthread chromium chromium-driver; do
           dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
         done
         "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
@@ -92,6 +93,7 @@ install_system_packages() {  # $1: OS
         fi
       else
         command -v redis-server >/dev/null 2>&1 || say "WARNING: install redis-server with your package manager"
+        say "NOTE: install chromium and its chromedriver for the dashboard's browser test (skipped without them)"
         say "NOTE: install OpenBLAS (libopenblas) for fast CPU matmuls; see README 'Linux notes'"
       fi
       ;;
@@ -101,6 +103,7 @@ install_system_packages() {  # $1: OS
         if brew=$(find_brew); then say "brew install redis"; "$brew" install redis;
         else say "WARNING: install Homebrew (https://brew.sh) and run 'brew install redis'"; fi
       fi
+      say "NOTE: the dashboard's browser test needs Debian's chromium + chromium-driver; on macOS it is skipped"
       ;;
   esac
 }

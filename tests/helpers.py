@@ -16,6 +16,8 @@ from typing import Any
 
 import redis
 
+from jobs import publisher
+from jobs.models import health_key
 from kd_client import queue as Q
 from kd_worker.fixtures.demo import child_env, venv_bin  # noqa: F401 (venv_bin: the same executables the demo starts)
 
@@ -218,11 +220,14 @@ def distill(
     progress: Callable | None = None,
     should_stop: Callable | None = None,
     publish_guard: Callable = contextlib.nullcontext,
+    remote: Any = None,
+    corpus: Any = None,
+    submitter: str = "kd-worker",
 ) -> dict[str, Any]:
     """One `run_job` (what `kd-worker distill` and the queue run) on the tiny models; `data` defaults
     to the domain's bundled sample prompts, `settings` to work/ and adapters_kd/ under `tmp`,
     `runtime` to a fresh one. `progress(p)` hears Progress events; `should_stop()` returns None,
-    "cancel" or "shutdown"."""
+    "cancel" or "shutdown". `corpus`: the domain's (kd_client.corpus.Corpus), as the queue task passes it."""
     from jobs.config import resolve_config
     from kd_worker.daemon.lifecycle import run_job
     from kd_worker.daemon.runtime import Runtime
@@ -247,9 +252,12 @@ def distill(
         run_id,
         job_id=job_id,
         force_publish=force_publish,
+        submitter=submitter,
     )
     cfg = resolve_config(s.kd_defaults, overrides or {})
-    return run_job(req, cfg, runtime or Runtime(s), s, TestHooks(), publish_guard, reuse_outcome)
+    return run_job(
+        req, cfg, runtime or Runtime(s), s, TestHooks(), publish_guard, reuse_outcome, remote=remote, corpus=corpus
+    )
 
 
 class WorkerProcess:
@@ -399,3 +407,43 @@ def sse_events(resp) -> Any:
         if line == "data: [DONE]":
             return
         yield json.loads(line[len("data: ") :])
+
+
+# --- published versions and queue state for the dashboard's tests --------------------------------
+def metrics_doc(i: int, samples: int = 2) -> dict:
+    return {
+        "train": [{"step": s, "loss": 3.0 / s, "kd": 1.0 / s, "ce": 2.0 / s} for s in range(1, 11)],
+        "val": [{"step": 0, "total": 2.0, "kl": 1.0}, {"step": 10, "total": 0.5, "kl": 0.5 / (i + 1)}],
+        "before": {"kl": 1.0, "top1": 0.1},
+        "after": {"kl": 0.5 / (i + 1), "top1": 0.8},
+        "gate": {"decision": "publish", "reason": f"reason {i}"},
+        "samples": [
+            {"prompt": f"v{i} prompt {k}", "teacher": "8", "before": "3", "after": f"after {i}"} for k in range(samples)
+        ],
+    }
+
+
+def publish_version(root: Path, domain: str, i: int, samples: int = 2) -> publisher.Version:
+    doc = metrics_doc(i, samples)
+
+    def write(stage: Path) -> None:
+        (stage / publisher.METRICS).write_text(json.dumps(doc))
+        (stage / publisher.WEIGHTS).write_bytes(b"weights %d" % i)
+
+    entry = {
+        "job_id": f"kd-{domain}-{i:020d}",
+        "metrics": {"before": doc["before"], "after": doc["after"]},
+        "gate": doc["gate"],
+        "data": {"examples": 10 + i},
+    }
+    return publisher.publish(root, domain, write, entry)
+
+
+def enqueue(conn, settings, domain: str, priority: str = "normal", n: int = 1) -> str:
+    ds = Q.prepare_dataset("prompts", b'{"prompt": "p%d"}\n' % n, "p.jsonl", settings.max_data_bytes)
+    return Q.submit(conn, settings, Q.build_job(domain, [ds], priority=priority), [ds]).job_id
+
+
+def beat(conn, name: str, queues: list[str], shutting_down: bool = False) -> None:
+    info = {"name": name, "state": "idle", "queues": queues, "at": time.time(), "shutting_down": shutting_down}
+    conn.set(health_key(name), json.dumps(info), ex=30)

@@ -3,8 +3,9 @@ the resident models, train a candidate, gate it, publish it, and record the outc
 retry of the same run never publishes twice. `kd-worker distill` runs the same function
 in-process (without the queue's ordering guard).
 
-    data (fails before any model loads) -> runtime.teacher / runtime.student
-      -> engine.distill -> [publish guard] engine.gate -> engine.outputs.publish -> outcome.json
+    data (fails before any model loads) -> corpus record + replay plan (daemon.continual)
+      -> runtime.teacher / runtime.student -> engine.distill -> [publish guard] engine.gate
+      -> engine.outputs.publish -> regression set joined -> outcome.json
 """
 
 from __future__ import annotations
@@ -17,17 +18,19 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 import structlog
 
 from jobs import publisher
 from jobs.config import KDConfig
+from kd_worker.daemon import continual
+from kd_worker.daemon.continual import DomainCorpus
 from kd_worker.daemon.runtime import Runtime
 from kd_worker.engine import outputs
 from kd_worker.engine.cache import TargetCache
-from kd_worker.engine.data import Example, load_examples
+from kd_worker.engine.data import Example, load_examples, split_examples
 from kd_worker.engine.distill import distill
 from kd_worker.engine.gate import publish_gate
 from kd_worker.engine.hooks import HookList, Hooks
@@ -42,6 +45,16 @@ log = structlog.get_logger(__name__)
 PublishGuard = Callable[[], AbstractContextManager[str | None]]
 
 
+class Remote(Protocol):
+    """The Redis side of publishing (kd_worker/daemon/remote.py), used inside the publish guard."""
+
+    def prepare(self, domain: str) -> None: ...
+
+    def reserve(self, domain: str) -> int: ...
+
+    def push(self, version: publisher.Version) -> None: ...
+
+
 def run_job(
     req: DistillRequest,
     cfg: KDConfig,
@@ -50,25 +63,38 @@ def run_job(
     hooks: Hooks,
     publish_guard: PublishGuard = contextlib.nullcontext,
     reuse_outcome: bool = False,
+    remote: Remote | None = None,
+    corpus: DomainCorpus | None = None,
 ) -> dict[str, Any]:
     """The whole job; returns a JSON-ready outcome (published version, metrics, timings).
     `publish_guard` wraps gate + publish: the queue worker uses it to publish the jobs of one
     domain in submission order; it yields None to go ahead, or a reason to skip publishing.
-    `reuse_outcome`: retries of one queue submission return a finished run's outcome."""
+    `reuse_outcome`: retries of one queue submission return a finished run's outcome.
+    `remote`: the version also goes to Redis (KD_PUBLISH_TO=redis|both), inside the guard.
+    `corpus`: the domain's corpus (daemon.continual); None (`kd-worker distill`): no replay and no
+    regression set, only a warm start from the local adapters directory."""
     t_start = time.perf_counter()
     run_dir = settings.work_dir / "runs" / req.run_id
     if reuse_outcome and (done := read_outcome(run_dir)) is not None:
         log.info("run_already_done", run_id=req.run_id, published=done.get("published"))
         return done  # a retry after the job's bookkeeping (not its work) failed: never publish twice
     examples = load_examples(req.data, settings.max_examples)  # bad data fails before any model loads
+    own_train, own_val = split_examples(examples, cfg.val_fraction, cfg.seed)  # the split distill makes
+    if corpus is not None:
+        continual.record_job(corpus, req, own_train, own_val)  # before training: a kill loses nothing
+    if remote is not None and cfg.init == "current":
+        remote.prepare(req.domain)  # warm start from the domain's newest version, whichever worker published it
+    history = continual.plan(corpus, req, cfg, examples, run_dir, settings.publish_root)
     teacher = Teacher(runtime.teacher(req.teacher, req.student), TargetCache(settings.work_dir / "cache"))
-    check_memory(req, cfg, teacher, examples, runtime, settings.compute_dtype)  # before the student loads
+    every = [*examples, *history.replay, *history.regression]  # replayed and regression examples are scored too
+    check_memory(req, cfg, teacher, every, runtime, settings.compute_dtype)  # before the student loads
     mx.reset_peak_memory()
     hooks = HookList(MemoryBudget(runtime.budget.bytes, runtime.budget.source), hooks)
     with runtime.student(req.student) as student:
-        candidate = distill(req, cfg, examples, teacher, student, run_dir / "checkpoints", hooks)
+        candidate = distill(req, cfg, examples, teacher, student, run_dir / "checkpoints", hooks, history)
         with publish_guard() as skip:
-            outcome = conclude(candidate, settings, skip, hooks, reuse_outcome)
+            outcome = conclude(candidate, settings, skip, hooks, reuse_outcome, remote)
+    continual.conclude(corpus, own_val)  # the gate has decided: the held-out split joins the regression set
     outcome.setdefault("seconds", time.perf_counter() - t_start)
     return finish_run(run_dir, outcome)
 
@@ -107,23 +133,35 @@ def job_shape(teacher: Teacher, examples: list[Example], cfg: KDConfig) -> JobSh
 
 
 def conclude(
-    c: Candidate, settings: WorkerSettings, skip: str | None, hooks: Hooks, reuse_outcome: bool
+    c: Candidate,
+    settings: WorkerSettings,
+    skip: str | None,
+    hooks: Hooks,
+    reuse_outcome: bool,
+    remote: Remote | None = None,
 ) -> dict[str, Any]:
     """Gate, then publish (or record why not); returns the outcome."""
-    req = c.request
-    if reuse_outcome and (mine := own_version(settings.adapters_dir, req)) is not None:
+    req, root = c.request, settings.publish_root
+    if reuse_outcome and (mine := own_version(root, req)) is not None:
         log.info("run_already_published", run_id=req.run_id, version=mine["version"])
+        if remote is not None and not skip:  # it may have died before the push
+            remote.push(publisher.Version(req.domain, mine["version"], Path(mine["adapter_path"])))
         return mine  # a retry after this run's version went live: never twice
     if skip:
         gate = {"decision": "skip", "reason": skip}
     else:
-        gate = publish_gate(c, settings.adapters_dir, settings.gate_tolerance, hooks)
+        if remote is not None:
+            remote.prepare(req.domain)
+        gate = publish_gate(c, root, settings.gate_tolerance, hooks, settings.gate_regression_slack)
     outcome = {"domain": req.domain, "run_id": req.run_id, "gate": gate, "before": c.before, "after": c.after}
     if skip or (gate["decision"] == "reject" and not req.force_publish):
         if not skip:
-            publisher.record_rejection(settings.adapters_dir, req.domain, {"job_id": req.job_id, **gate})
+            publisher.record_rejection(root, req.domain, {"job_id": req.job_id, **gate})
         return {**outcome, "published": False}
-    version = outputs.publish(c, settings.adapters_dir, gate, settings.keep_versions, hooks)
+    first = remote.reserve(req.domain) if remote is not None else 1
+    version = outputs.publish(c, root, gate, settings.keep_versions, hooks, first_number=first)
+    if remote is not None:
+        remote.push(version)
     return {**outcome, "published": True, "version": version.number, "adapter_path": str(version.path)}
 
 
@@ -163,8 +201,10 @@ def read_outcome(run_dir: Path) -> dict[str, Any] | None:
 
 
 def finish_run(run_dir: Path, outcome: dict[str, Any]) -> dict[str, Any]:
-    """Keep only the outcome of a finished run (checkpoints are in the published version)."""
+    """Keep only the outcome of a finished run (checkpoints are in the published version; the frozen
+    replay sample served only a resume)."""
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    (run_dir / continual.FROZEN).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     publisher.write_json_atomic(run_dir / "outcome.json", outcome)
     return outcome

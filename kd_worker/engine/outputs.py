@@ -44,7 +44,8 @@ def identity_doc(teacher: LoadedModel, student: LoadedModel, cfg: KDConfig, plan
 
 
 def metrics_doc(c: Candidate, gate: dict[str, Any]) -> dict[str, Any]:
-    """kd_metrics.json: loss curves, before/after, the gate's decision, data, timing, targets."""
+    """kd_metrics.json: loss curves, before/after, the gate's decision (held-out and regression set),
+    data, timing, targets, the continual loop's init and replay."""
     data, result = c.data, c.result
     seqs = data.train + data.val
     n_target_tokens = sum(len(t) for t in data.targets)
@@ -72,7 +73,23 @@ def metrics_doc(c: Candidate, gate: dict[str, Any]) -> dict[str, Any]:
             "bytes_per_token": sum(t.nbytes for t in data.targets) / max(n_target_tokens, 1),
         },
         "vocabulary": {"mode": data.plan.mode, "notes": list(data.plan.notes)},
+        "continual": continual_doc(c),
+        "samples": c.samples,
         **({"xtok": xtok.coverage_report(seqs)} if data.plan.mode == "cross" else {}),
+    }
+
+
+def continual_doc(c: Candidate) -> dict[str, Any]:
+    """Where the job started from and what of the domain's history it saw."""
+    return {
+        "init": c.init,
+        "replay": {
+            "share": c.cfg.replay if c.data.replay else 0.0,
+            "examples": len(c.data.replay),
+            "rows": int(sum(row.get("replay_rows", 0) for row in c.result.history["train"])),
+            "keys": c.data.replay_keys,  # which corpus examples (kd-client data list) trained this version too
+        },
+        "regression_examples": len(c.data.regression),
     }
 
 
@@ -98,8 +115,10 @@ def write_version(stage: Path, c: Candidate, metrics: dict[str, Any]) -> None:
         publisher.write_json_atomic(d / publisher.ADAPTER_CONFIG, {**config, "checkpoint_step": step})
 
 
-def publish(c: Candidate, adapters_dir: Path, gate: dict[str, Any], keep: int, hooks: Hooks) -> publisher.Version:
-    """Write the candidate as the domain's next version and make it current."""
+def publish(
+    c: Candidate, adapters_dir: Path, gate: dict[str, Any], keep: int, hooks: Hooks, first_number: int = 1
+) -> publisher.Version:
+    """Write the candidate as the domain's next version (numbered at least `first_number`) and make it current."""
     req = c.request
     metrics = metrics_doc(c, gate)
     entry = {
@@ -109,11 +128,12 @@ def publish(c: Candidate, adapters_dir: Path, gate: dict[str, Any], keep: int, h
         "metrics": {"before": c.before, "after": c.after},
         "data": metrics["data"],
         "gate": gate,
+        "init": c.init,
         "forced": req.force_publish and gate["decision"] == "reject",
     }
     hooks.on_progress(Progress("publish", 0, 1))
     version = publisher.publish(
-        adapters_dir, req.domain, lambda stage: write_version(stage, c, metrics), entry, keep=keep
+        adapters_dir, req.domain, lambda stage: write_version(stage, c, metrics), entry, keep, first_number
     )
     hooks.on_progress(Progress("publish", 1, 1))
     log.info("distillation_published", domain=req.domain, version=version.number, path=str(version.path))

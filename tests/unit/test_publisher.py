@@ -374,3 +374,66 @@ def test_a_planted_lock_link_is_refused_without_creating_its_target(tmp_path):
     with pytest.raises(PublishError, match="cannot lock"):
         publish(tmp_path, 1)
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_publish_takes_a_reserved_number_and_leaves_a_gap(tmp_path):
+    publish(tmp_path, 1)
+    v = publisher.publish(tmp_path, "memory", writer(2), {}, first_number=7)
+    assert v.number == 7 and [x.number for x in publisher.versions(tmp_path, "memory")] == [1, 7]
+    assert publish(tmp_path, 3).number == 8  # the next free number, whatever was reserved before
+    assert publisher.publish(tmp_path, "memory", writer(4), {}, first_number=2).number == 9  # never an old one
+
+
+def _copier(source: Path, damage: str | None = None):
+    """A `write_files(stage)` that copies a version's files, optionally damaging one."""
+
+    def write(stage: Path) -> None:
+        for rel, data in snapshot(source).items():
+            if rel == publisher.MANIFEST:
+                continue
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            (stage / rel).write_bytes(data[:-1] if rel == damage else data)
+
+    return write
+
+
+def test_install_makes_a_version_from_elsewhere_current_with_its_number_and_bytes(tmp_path):
+    src, dst = tmp_path / "b", tmp_path / "a"
+    v = publisher.publish(src, "memory", writer(3, checkpoint=10), {"tag": 3}, first_number=4)
+    manifest = (v.path / publisher.MANIFEST).read_bytes()
+    got = publisher.install(dst, "memory", 4, _copier(v.path), manifest)
+    assert got.number == 4 and publisher.resolve(dst, "memory").number == 4
+    assert snapshot(got.path) == snapshot(v.path)
+    entry = publisher.read_summary(dst)["domains"]["memory"]
+    assert entry["version"] == 4 and entry["tag"] == 3 and entry["history"] == [4] and "installed_at" in entry
+    assert (dst / "memory" / "checkpoint_10").is_symlink()  # the compat links, as publish makes them
+    # a version older than the current one (a rollback elsewhere, this copy never held it) installs too
+    low = publisher.install(dst, "memory", 2, _copier(v.path), manifest.replace(b'"version": 4', b'"version": 2'))
+    assert low.number == 2 and publisher.resolve(dst, "memory").number == 2
+
+
+@pytest.mark.parametrize("problem", ["damaged", "taken", "taken_empty", "other_version", "other_domain", "not_json"])
+def test_install_refuses_and_keeps_the_previous_version(tmp_path, problem):
+    src, dst = tmp_path / "b", tmp_path / "a"
+    v = publisher.publish(src, "memory", writer(3), {}, first_number=2)
+    publish(dst, 1)
+    before = visible(dst)
+    manifest = (v.path / publisher.MANIFEST).read_bytes()
+    number, write = 2, _copier(v.path)
+    if problem == "damaged":
+        write = _copier(v.path, damage="adapters.safetensors")
+    elif problem == "taken":
+        number, manifest = 1, manifest.replace(b'"version": 2', b'"version": 1')
+    elif problem == "taken_empty":  # an empty folder of that number: a rename would silently replace it
+        (dst / "memory" / "versions" / "0002").mkdir()
+        before = visible(dst)
+    elif problem == "other_version":
+        number = 3
+    elif problem == "other_domain":
+        manifest = manifest.replace(b'"domain": "memory"', b'"domain": "task"')
+    else:
+        manifest = b"{not json"
+    with pytest.raises(PublishError):
+        publisher.install(dst, "memory", number, write, manifest)
+    assert publisher.resolve(dst, "memory").number == 1 and visible(dst) == before
+    assert [x.number for x in publisher.versions(dst, "memory")] == [1] + ([2] if problem == "taken_empty" else [])

@@ -1,10 +1,11 @@
-"""The quality benchmark's task generator and checker: deterministic, every answer checkable."""
+"""The digit-list task of the demo and the quality benchmark (kd_worker.fixtures.digits):
+deterministic, every answer checkable."""
 
 from __future__ import annotations
 
 import random
 
-from bench import quality_task as task
+from kd_worker.fixtures import digits as task
 
 
 def test_items_are_deterministic_distinct_and_cover_every_question_type():
