@@ -15,6 +15,7 @@ from helpers import FAST, distill, engine_settings
 from structlog.testing import capture_logs
 
 from jobs.errors import ResourceLimitExceeded
+from kd_worker.daemon import continual
 from kd_worker.daemon.runtime import Runtime
 
 BUDGET = 150_000_000  # bytes: 64 prompts fit in batches of a few, not in one batch of 64
@@ -41,7 +42,10 @@ def test_a_job_that_cannot_fit_is_refused_before_the_student_loads_and_the_named
     knob, value = found.groups()
     assert knob == "batch_size" and 1 <= int(value) < 64
     assert runtime._student is None  # refused before the student was loaded
-    assert not (tmp_path / "work" / "runs").exists()  # and before any work
+    # and before any work: the run holds only its frozen replay plan (daemon.continual, made first)
+    # beside the model identity cache of the teacher's load; no teacher output, no checkpoint
+    work = tmp_path / "work"
+    assert sorted(p.name for p in work.rglob("*") if p.is_file()) == [continual.FROZEN, "identity.json"]
     # the value the error names runs within the budget: MLX's own peak never passed it (MemoryBudget)
     out = distill(
         tmp_path, models_root, data=data, overrides={**big, knob: int(value)}, settings=settings, runtime=runtime
