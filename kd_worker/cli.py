@@ -93,7 +93,8 @@ def cmd_distill(args: argparse.Namespace, settings: WorkerSettings, blas) -> int
     )
     run_id = "cli-" + hashlib.sha256(ident.encode()).hexdigest()[:20]
     req = DistillRequest(args.domain, tuple(data), teacher, student, run_id, force_publish=args.force)
-    with ConsoleProgress(enabled=not args.json) as progress:
+    # with --json, stdout carries only the outcome; progress and phase timings go to the log (stderr)
+    with ConsoleProgress(tty=False if args.json else None) as progress:
         outcome = run_job(req, cfg, Runtime(settings), settings, progress)
     print_outcome(outcome, args.json)
     return EXIT_OK if outcome["published"] else EXIT_REJECTED
@@ -254,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             return config_exit(work_dir_alone(), e, args.config_error_exit)
         print(f"kd-worker: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(settings.log_format, settings.log_level)
+    as_json = getattr(args, "json", False) and settings.log_format == "auto"
+    configure_logging("json" if as_json else settings.log_format, settings.log_level)  # --json: JSON logs too
     blas = ensure_fast_blas(settings.blas_library, settings.openblas_coretype)
     try:
         return args.func(args, settings, blas)

@@ -45,8 +45,9 @@ class WorkerSettings(QueueSettings):
     lost_job_grace: float = Field(default=60.0, gt=0)  # a "queued" job in no queue this long is requeued
     kd_defaults: dict[str, Any] = Field(default_factory=dict)  # KDConfig defaults, JSON
     max_examples: int = Field(default=20_000, ge=1)
-    # Bytes of MLX memory (resident models included) a job may reach; checked between batches
-    # and training steps, over it the job fails with ResourceLimitExceeded. None: no budget.
+    # Bytes of MLX memory (resident models included) a job may reach: its plan is checked against it
+    # before it starts (engine/memory.py) and MLX's peak between batches and steps; over it the job
+    # fails with ResourceLimitExceeded. None: Metal's recommended working set (or RAM) less a margin.
     max_job_memory: int | None = Field(default=None, ge=1)
     cache_student: bool = True  # keep the last student base resident between jobs
     gate_tolerance: float = Field(default=0.01, ge=0.0)  # relative held-out KL increase still published

@@ -16,6 +16,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,11 +30,12 @@ from kd_worker.daemon.continual import DomainCorpus
 from kd_worker.daemon.runtime import Runtime
 from kd_worker.engine import outputs
 from kd_worker.engine.cache import TargetCache
-from kd_worker.engine.data import load_examples, split_examples
+from kd_worker.engine.data import Example, load_examples, split_examples
 from kd_worker.engine.distill import distill
 from kd_worker.engine.gate import publish_gate
 from kd_worker.engine.hooks import HookList, Hooks
-from kd_worker.engine.memory import MemoryBudget
+from kd_worker.engine.memory import JobShape, MemoryBudget, MemoryPlan, Precision, check_plan, plan_job, read_dims
+from kd_worker.engine.models import resident_bytes
 from kd_worker.engine.teacher import Teacher
 from kd_worker.engine.types import Candidate, DistillRequest
 from kd_worker.settings import WorkerSettings
@@ -83,10 +85,11 @@ def run_job(
     if remote is not None and cfg.init == "current":
         remote.prepare(req.domain)  # warm start from the domain's newest version, whichever worker published it
     history = continual.plan(corpus, req, cfg, examples, run_dir, settings.publish_root)
-    teacher = Teacher(runtime.teacher(req.teacher), TargetCache(settings.work_dir / "cache"))
+    teacher = Teacher(runtime.teacher(req.teacher, req.student), TargetCache(settings.work_dir / "cache"))
+    every = [*examples, *history.replay, *history.regression]  # replayed and regression examples are scored too
+    check_memory(req, cfg, teacher, every, runtime, settings.compute_dtype)  # before the student loads
     mx.reset_peak_memory()
-    if settings.max_job_memory is not None:
-        hooks = HookList(MemoryBudget(settings.max_job_memory), hooks)
+    hooks = HookList(MemoryBudget(runtime.budget.bytes, runtime.budget.source), hooks)
     with runtime.student(req.student) as student:
         candidate = distill(req, cfg, examples, teacher, student, run_dir / "checkpoints", hooks, history)
         with publish_guard() as skip:
@@ -94,6 +97,39 @@ def run_job(
     continual.conclude(corpus, own_val)  # the gate has decided: the held-out split joins the regression set
     outcome.setdefault("seconds", time.perf_counter() - t_start)
     return finish_run(run_dir, outcome)
+
+
+def check_memory(
+    req: DistillRequest, cfg: KDConfig, teacher: Teacher, examples: list[Example], runtime: Runtime, compute_dtype: str
+) -> MemoryPlan:
+    """The job's memory plan against the worker's budget, before the student loads or any work
+    starts: ResourceLimitExceeded (naming the setting to lower and the value that fits) when it
+    cannot fit. On Metal the budget also becomes MLX's memory limit."""
+    shape = job_shape(teacher, examples, cfg)
+    t_dims, s_dims = read_dims(teacher.lm.path), read_dims(req.student)
+    precision = Precision.for_backend(t_dims, s_dims, compute_dtype, cpu=not runtime.backend.metal)
+    resident = resident_bytes(teacher.lm.model)
+
+    def plan_for(c: KDConfig) -> MemoryPlan:
+        return plan_job(t_dims, s_dims, c, shape, precision, teacher_resident=resident)
+
+    budget = runtime.budget
+    plan = check_plan(plan_for, cfg, budget.bytes, budget.source)
+    log.info("memory_plan", budget=budget.bytes, **asdict(shape), **plan.as_dict())
+    budget.enforce(runtime.backend)
+    return plan
+
+
+def job_shape(teacher: Teacher, examples: list[Example], cfg: KDConfig) -> JobShape:
+    """Longest prompt and prompt + response in teacher tokens (a response to generate counts
+    gen_max_tokens; a given one its length), and the number of examples."""
+    prompts = teacher.prompts(examples, cfg.max_seq_length)  # a prompt too long is a DataError, here already
+    encode = teacher.lm.hf_tokenizer.encode
+    lengths = [
+        len(p) + (cfg.gen_max_tokens if ex.response is None else len(encode(ex.response, add_special_tokens=False)) + 1)
+        for ex, p in zip(examples, prompts, strict=True)
+    ]
+    return JobShape(max(map(len, prompts), default=1), max(lengths, default=1), len(examples))
 
 
 def conclude(

@@ -3,6 +3,7 @@ learning, exact resume, vocabulary guard, quantized models, divergence, caching.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -55,7 +56,13 @@ def test_cli_distill_writes_the_seed_layout_usable_by_mlx_lm(tmp_path, models_ro
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    outcome = json.loads(out.stdout)
+    outcome = json.loads(out.stdout)  # stdout is the outcome alone
+    log = [json.loads(line) for line in out.stderr.splitlines()]  # --json: the log is JSON lines too
+    timed = {e["phase"]: e for e in log if e["event"] == "phase_finished"}
+    assert {"generate", "score", "train", "validate", "publish"} <= set(timed)
+    assert all(e["seconds"] >= 0 and e["mlx_peak_bytes"] > 0 for e in timed.values())
+    assert any(e["event"] == "progress" and e["phase"] == "train" for e in log)
+    assert next(e for e in log if e["event"] == "memory_plan")["total"] > 0
     d = tmp_path / "out" / "memory"
     for name in ("adapters.safetensors", "adapter_config.json", "kd_metrics.json", "checkpoint_20", "checkpoint_40"):
         assert (d / name).exists(), name
@@ -219,8 +226,13 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
     assert not (tmp_path / "adapters_kd" / "memory").exists()  # nothing published
 
 
-def test_teacher_scores_match_a_full_vocabulary_reference(models_root):
+@pytest.mark.parametrize("split", [True, False])
+def test_teacher_scores_match_a_full_vocabulary_reference(models_root, monkeypatch, split):
+    """Scored in chunks of 3 rows; without a body/head split the full forward runs per sequence."""
     lm = load_model_dir(models_root / "teacher")
+    if not split:
+        lm = dataclasses.replace(lm, split=None)
+    monkeypatch.setattr(teacher_fns, "SCORE_CHUNK", 3)
     prompt = lm.tokenizer.apply_chat_template(
         [{"role": "user", "content": "What matters?"}], add_generation_prompt=True
     )
