@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo lint test test-slow test-all bench doctor clean
+.PHONY: setup demo lint test test-slow test-all bench bench-realsize bench-continual doctor clean
 
 setup:
 	@bash scripts/setup.sh
@@ -31,6 +31,15 @@ test-all: setup
 ## All benchmarks; tables printed, JSON written to bench/results/.
 bench: setup
 	$(PY) -m bench.run_all
+
+## Qwen2.5-shaped models with the real vocabulary (0.5B/1.5B job, 7B + 3B memory): ~11 GB under
+## .kd/realsize, 30-60 min on 2 cores; writes bench/results/realsize.json.
+bench-realsize: setup
+	$(PY) -m bench.realsize
+
+## Continual distillation: retention over 5 jobs of disjoint facts, 3 seeds (long; not in `make bench`).
+bench-continual: setup
+	$(PY) -m bench.continual
 
 doctor: setup
 	$(VENV)/bin/kd-worker doctor

@@ -63,7 +63,12 @@ def best_of(fn, repeats: int = 5, warmup: int = 1) -> float:
 
 
 def report(
-    name: str, title: str, columns: list[str], rows: list[list[Any]], extra: dict[str, Any] | None = None
+    name: str,
+    title: str,
+    columns: list[str],
+    rows: list[list[Any]],
+    extra: dict[str, Any] | None = None,
+    results_dir: Path = RESULTS,
 ) -> Path:
     """Print a table and save {machine, columns, rows, extra} to bench/results/{name}.json."""
     from rich.console import Console
@@ -75,8 +80,8 @@ def report(
     for r in rows:
         table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
     Console().print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
     doc = {"benchmark": name, "machine": machine(), "columns": columns, "rows": rows, **(extra or {})}
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(f"saved {path}")

@@ -25,6 +25,7 @@ FULL = [
     ["bench.hotswap"],
     ["bench.serve"],
     ["bench.sync"],
+    ["bench.continual"],  # the longest (about an hour on 2 shared cores); also `make bench-continual`
     ["bench.onpolicy_cost"],
 ]
 QUICK = {
@@ -34,6 +35,7 @@ QUICK = {
     "bench.queue": ["--jobs", "4"],
     "bench.serve": ["--shapes", "tiny"],
     "bench.sync": ["--shapes", "tiny"],
+    "bench.continual": ["--jobs", "3", "--seeds", "0", "--rows", "fresh", "warm+replay", "--name", "continual-quick"],
     "bench.onpolicy_cost": ["--vocab", "2048"],
 }
 

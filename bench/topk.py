@@ -110,9 +110,9 @@ def response_logits(teacher_dir: Path, student_dir: Path, n_items: int, seed: in
     of `n_items` held-out task questions, teacher-forced on a correct answer (EOS included)."""
     import mlx.core as mx
 
-    from bench import quality_task as task
     from kd_worker.engine.models import head_logits, hidden_at, load_model_dir
     from kd_worker.engine.vocab import plan_vocabulary
+    from kd_worker.fixtures import digits as task
 
     teacher, student = load_model_dir(teacher_dir), load_model_dir(student_dir)
     n_vocab = plan_vocabulary(teacher, student, allow_cross=False).n_vocab
@@ -147,7 +147,7 @@ def tiny_pair(
     import mlx.optimizers as optim
     import mlx_lm
 
-    from bench import quality_task as task
+    from kd_worker.fixtures import digits as task
 
     digest = f"{spec_digest(TINY)}-{task.TASK_VERSION}-{steps}-{TINY_BATCH}-{TINY_LR}"
     teacher, student = root / "topk-teacher", root / "topk-student"
@@ -185,8 +185,8 @@ def sft(model, tokenizer, opt, rng: random.Random, steps: int) -> float:
     import mlx.core as mx
     import mlx.nn as nn
 
-    from bench import quality_models as qm
-    from bench import quality_task as task
+    from kd_worker.fixtures import digits as task
+    from kd_worker.fixtures.trained import encode_batch
 
     def loss_fn(model, x, y, mask):
         ce = nn.losses.cross_entropy(model(x).astype(mx.float32), y, reduction="none")
@@ -196,7 +196,8 @@ def sft(model, tokenizer, opt, rng: random.Random, steps: int) -> float:
     loss = mx.array(float("nan"))
     for _ in range(steps):
         batch = [task.make_item(rng, rng.choice(task.KD_OPS)) for _ in range(TINY_BATCH)]
-        seqs, starts = qm._encode_batch(tokenizer, batch, [task.sample_answer(it, rng) for it in batch])
+        answers = [task.sample_answer(it, rng) for it in batch]
+        seqs, starts = encode_batch(tokenizer, [list(it.messages) for it in batch], answers)
         width = -(-max(map(len, seqs)) // 8) * 8
         x, y, mask = (
             np.zeros((len(seqs), width), np.int32),

@@ -22,6 +22,11 @@ class DataError(KDError):
     """Training data is malformed, empty, too large, or does not match its checksum."""
 
 
+class CorpusFull(DataError):
+    """Recording a job's examples would take its domain's corpus over KD_CORPUS_MAX_EXAMPLES or
+    KD_CORPUS_MAX_BYTES; `kd-client data --domain D forget ID...` makes room."""
+
+
 class ModelError(KDError):
     """A model directory is missing, unreadable or inconsistent."""
 

@@ -177,6 +177,33 @@ def health_key(worker_name: str) -> str:
     return f"kd:health:{worker_name}"
 
 
+# The continual loop's per-domain memory (kd_client.corpus reads and writes these; jobs.corpus is the record).
+def corpus_key(domain: str) -> str:
+    """Hash example key -> CorpusRecord JSON: the domain's examples, each stored once."""
+    return f"kd:corpus:{domain}"
+
+
+def corpus_order_key(domain: str) -> str:
+    """Sorted set example key -> insertion sequence number (oldest first)."""
+    return f"kd:corpus:{domain}:order"
+
+
+def corpus_held_out_key(domain: str) -> str:
+    """Set of the example keys some job held out: never replayed."""
+    return f"kd:corpus:{domain}:held_out"
+
+
+def corpus_meta_key(domain: str) -> str:
+    """Hash of counters: seq (last sequence number), bytes (stored record bytes), offered (examples
+    offered to the regression reservoir so far)."""
+    return f"kd:corpus:{domain}:meta"
+
+
+def regression_key(domain: str) -> str:
+    """Hash reservoir slot -> example key: the regression set of the domain's publish gate."""
+    return f"kd:regression:{domain}"
+
+
 # Published versions in Redis (KD_PUBLISH_TO=redis|both; kd_client/mirror.py owns the layout). Files are
 # content-addressed blobs, shared by versions and domains, counted in kd:pub:refs and deleted at zero.
 PUB_CHANNEL = "kd:pub:changed"  # PUBLISH <domain> after every pointer move: consumers wake up

@@ -299,15 +299,20 @@ def update_summary(root: Path, domain: str, change: Callable[[dict[str, Any]], d
     return summary
 
 
-def _swap_pointer(dfd: int, version: Version) -> None:
-    tmp = f".{POINTER}.{uuid.uuid4().hex}"
-    os.symlink(f"{VERSIONS}/{version.name}", tmp, dir_fd=dfd)
+def _replace_link(dfd: int, name: str, target: str) -> None:
+    """Point the link `name` in the domain dir at `target` in one rename (a reader sees old or new)."""
+    tmp = f".{name}.{uuid.uuid4().hex}"
+    os.symlink(target, tmp, dir_fd=dfd)
     try:
-        os.replace(tmp, POINTER, src_dir_fd=dfd, dst_dir_fd=dfd)
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dfd)
         raise
+
+
+def _swap_pointer(dfd: int, version: Version) -> None:
+    _replace_link(dfd, POINTER, f"{VERSIONS}/{version.name}")
     durable.fsync(dfd)
 
 
@@ -318,14 +323,7 @@ def _compat_links(dfd: int, version: Version) -> None:
         with contextlib.suppress(OSError):
             if os.readlink(name, dir_fd=dfd) == f"{POINTER}/{name}":
                 continue
-        tmp = f".{name}.{uuid.uuid4().hex}"
-        os.symlink(f"{POINTER}/{name}", tmp, dir_fd=dfd)
-        try:
-            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dfd)
-            raise
+        _replace_link(dfd, name, f"{POINTER}/{name}")
     for name in os.listdir(dfd):
         if name.startswith("checkpoint_") and stat.S_ISLNK(os.lstat(name, dir_fd=dfd).st_mode):
             try:

@@ -8,8 +8,9 @@ Optional on both: "id" (a short string) and "meta" (a JSON object, ignored by tr
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -75,6 +76,13 @@ class Record(BaseModel):
         if msgs[-1]["role"] == "assistant":
             return msgs[:-1], msgs[-1]["content"]
         return msgs, self.response
+
+
+def example_key(prompt: Sequence[dict[str, str]], response: str | None) -> str:
+    """The content address of one conversation in its normal form (`Record.conversation()`): the
+    engine de-duplicates a job's examples by it and the domain corpus stores them under it."""
+    blob = json.dumps({"p": list(prompt), "r": response}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def parse_record(obj: Any, kind: DataKind, where: str) -> Record:

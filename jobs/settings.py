@@ -24,6 +24,10 @@ class QueueSettings(BaseSettings):
     max_attempts: int = 3  # runs of a job that keeps crashing its worker before it is failed
     max_data_bytes: int = 64 * 1024 * 1024
     blob_ttl: int = 30 * 24 * 3600
+    # The per-domain corpus (kd_client.corpus): what a domain may hold, and its regression set's size.
+    corpus_max_examples: int = Field(default=20_000, ge=1)
+    corpus_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    regression_max_examples: int = Field(default=256, ge=0)
     # Published adapters (jobs/publisher.py; kd_client/mirror.py for Redis). The worker publishes into its
     # KD_ADAPTERS_DIR (local), into Redis for consumers on other machines (redis: its own copy then lives in
     # KD_WORK_DIR/published), or both; kd-client rollback moves the Redis pointer unless this is local.

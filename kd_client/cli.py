@@ -16,9 +16,9 @@ from jobs.config import parse_overrides
 from jobs.errors import KDError
 from jobs.models import DOMAINS, PRIORITIES, check_job_id
 from jobs.records import DataKind, read_records
+from kd_client.cli_data import add_data_parser  # kd-client data: the domain corpus
+from kd_client.exitcodes import EXIT_CONFIG, EXIT_FAILED, EXIT_NOT_PUBLISHED, EXIT_OK, EXIT_SPOOLED, EXIT_STOPPED
 from kd_client.queue import check_data_size
-
-EXIT_OK, EXIT_FAILED, EXIT_NOT_PUBLISHED, EXIT_STOPPED, EXIT_SPOOLED, EXIT_CONFIG = 0, 1, 3, 4, 75, 78
 
 
 def exit_code(row: dict[str, Any]) -> int:
@@ -230,6 +230,10 @@ def cmd_summary(args, settings) -> int:
             f"{domain:12s} v{e.get('version')}  kl={after.get('kl', float('nan')):.4f}  "
             f"published {e.get('published_at')}  gate: {(e.get('gate') or {}).get('reason')}"
         )
+        if rejected := e.get("last_rejected"):
+            print(
+                f"{'':12s} last rejected: job {rejected.get('job_id')} ({rejected.get('at')}): {rejected.get('reason')}"
+            )
         if args.samples:
             print_samples(settings.adapters_dir, domain)
     return EXIT_OK
@@ -471,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--domains", nargs="+", metavar="DOMAIN", help="only these domains (default: every published one)")
     sy.add_argument("--follow", action="store_true", help="keep mirroring until SIGINT/SIGTERM")
     sy.set_defaults(func=cmd_sync)
+
+    add_data_parser(sub, watch)
 
     fl = sub.add_parser(
         "flush", help="enqueue accumulated corrections now and deliver submissions spooled while Redis was unreachable"

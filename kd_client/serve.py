@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import time
 from collections.abc import AsyncIterator
@@ -34,6 +33,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jobs.errors import ConfigError
+from kd_client.dashboard.security import is_loopback
 from kd_client.neurons import BASE, Neurons
 from kd_client.servejobs import Chunk, Event, Failed, Finished, Job, Sampling, ServeError, Started
 from kd_client.settings import ClientSettings
@@ -131,15 +131,6 @@ class HTTPProblem(Exception):
 def error_response(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     """OpenAI's error shape."""
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_binding(host: str, api_key: str | None) -> None:

@@ -93,7 +93,8 @@ def cmd_distill(args: argparse.Namespace, settings: WorkerSettings, blas) -> int
     )
     run_id = "cli-" + hashlib.sha256(ident.encode()).hexdigest()[:20]
     req = DistillRequest(args.domain, tuple(data), teacher, student, run_id, force_publish=args.force)
-    with ConsoleProgress(enabled=not args.json) as progress:
+    # with --json, stdout carries only the outcome; progress and phase timings go to the log (stderr)
+    with ConsoleProgress(tty=False if args.json else None) as progress:
         outcome = run_job(req, cfg, Runtime(settings), settings, progress)
     print_outcome(outcome, args.json)
     return EXIT_OK if outcome["published"] else EXIT_REJECTED
@@ -121,10 +122,7 @@ def print_outcome(outcome: dict[str, Any], as_json: bool) -> None:
             f"published {outcome['domain']} v{outcome['version']}: {outcome['adapter_path']} ({gate['reason']})"
         )
     else:
-        console.print(
-            f"[yellow]not published[/]: {gate['reason']} (candidate KL {gate.get('candidate_kl'):.4f} > "
-            f"published {gate.get('published_kl'):.4f}); rerun with --force to publish anyway"
-        )
+        console.print(f"[yellow]not published[/]: {gate['reason']}; rerun with --force to publish anyway")
 
 
 def cmd_run(args: argparse.Namespace, settings: WorkerSettings, blas) -> int:
@@ -195,7 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--only", nargs="+", help="build only these fixtures")
     m.set_defaults(func=cmd_make_models)
 
-    x = sub.add_parser("distill", help="run one distillation job in-process (no Redis) and publish the adapter")
+    x = sub.add_parser(
+        "distill",
+        help="run one distillation job in-process (no Redis) and publish the adapter",
+        description="One job in-process, without Redis: no corpus, so no replay and no regression set. By default "
+        "(init=current) it starts from the domain's published adapter under --out when it is compatible; "
+        "--set init=base trains a fresh LoRA.",
+    )
     x.add_argument("--domain", required=True, help="neuron name, e.g. memory")
     x.add_argument("--prompts", action="append", metavar="FILE", help='JSONL of {"prompt": ...} or {"messages": [...]}')
     x.add_argument("--corrections", action="append", metavar="FILE", help='JSONL of {"prompt": ..., "response": ...}')
@@ -239,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the demo models, Redis data, work dir, logs and the plot "
         "go (the adapter goes to KD_ADAPTERS_DIR, default ./adapters_kd)",
     )
-    dm.add_argument("--iterations", type=int, default=250, help="training steps of the demo job")
+    dm.add_argument("--iterations", type=int, default=150, help="training steps of the demo job")
     dm.set_defaults(func=cmd_demo)
 
     from kd_worker.ops.service import add_service_parser
@@ -259,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             return config_exit(work_dir_alone(), e, args.config_error_exit)
         print(f"kd-worker: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(settings.log_format, settings.log_level)
+    as_json = getattr(args, "json", False) and settings.log_format == "auto"
+    configure_logging("json" if as_json else settings.log_format, settings.log_level)  # --json: JSON logs too
     blas = ensure_fast_blas(settings.blas_library, settings.openblas_coretype)
     try:
         return args.func(args, settings, blas)

@@ -15,7 +15,9 @@ from jobs.settings import load_settings as load_queue_settings
 
 # The shipped SIGTERM -> SIGKILL time of the service (launchd ExitTimeOut, systemd TimeoutStopSec), the default
 # of KD_SHUTDOWN_GRACE. The one place to change it: the service templates are rendered from the setting.
-SHUTDOWN_GRACE_S = 60
+# Chosen from bench/realsize.py: the worst measured SIGTERM-to-exit of `kd-worker run` was 145 s (a scoring
+# batch and a validation batch of a 1.5B teacher / 0.5B student on a loaded 2-core CPU), times 1.25.
+SHUTDOWN_GRACE_S = 180
 
 
 def default_work_dir(home: Path | None = None) -> Path:
@@ -45,11 +47,14 @@ class WorkerSettings(QueueSettings):
     lost_job_grace: float = Field(default=60.0, gt=0)  # a "queued" job in no queue this long is requeued
     kd_defaults: dict[str, Any] = Field(default_factory=dict)  # KDConfig defaults, JSON
     max_examples: int = Field(default=20_000, ge=1)
-    # Bytes of MLX memory (resident models included) a job may reach; checked between batches
-    # and training steps, over it the job fails with ResourceLimitExceeded. None: no budget.
+    # Bytes of MLX memory (resident models included) a job may reach: its plan is checked against it
+    # before it starts (engine/memory.py) and MLX's peak between batches and steps; over it the job
+    # fails with ResourceLimitExceeded. None: Metal's recommended working set (or RAM) less a margin.
     max_job_memory: int | None = Field(default=None, ge=1)
     cache_student: bool = True  # keep the last student base resident between jobs
     gate_tolerance: float = Field(default=0.01, ge=0.0)  # relative held-out KL increase still published
+    # nats per token the regression-set KL may rise on top of gate_tolerance (bench/continual.py)
+    gate_regression_slack: float = Field(default=0.02, ge=0.0)
 
     @field_validator("teacher", "student", "models_root", "adapters_dir", "work_dir", "blas_library")
     @classmethod

@@ -221,11 +221,13 @@ def distill(
     should_stop: Callable | None = None,
     publish_guard: Callable = contextlib.nullcontext,
     remote: Any = None,
+    corpus: Any = None,
+    submitter: str = "kd-worker",
 ) -> dict[str, Any]:
     """One `run_job` (what `kd-worker distill` and the queue run) on the tiny models; `data` defaults
     to the domain's bundled sample prompts, `settings` to work/ and adapters_kd/ under `tmp`,
     `runtime` to a fresh one. `progress(p)` hears Progress events; `should_stop()` returns None,
-    "cancel" or "shutdown"."""
+    "cancel" or "shutdown". `corpus`: the domain's (kd_client.corpus.Corpus), as the queue task passes it."""
     from jobs.config import resolve_config
     from kd_worker.daemon.lifecycle import run_job
     from kd_worker.daemon.runtime import Runtime
@@ -250,9 +252,12 @@ def distill(
         run_id,
         job_id=job_id,
         force_publish=force_publish,
+        submitter=submitter,
     )
     cfg = resolve_config(s.kd_defaults, overrides or {})
-    return run_job(req, cfg, runtime or Runtime(s), s, TestHooks(), publish_guard, reuse_outcome, remote)
+    return run_job(
+        req, cfg, runtime or Runtime(s), s, TestHooks(), publish_guard, reuse_outcome, remote=remote, corpus=corpus
+    )
 
 
 class WorkerProcess:

@@ -82,6 +82,7 @@ def refusal(configured: SecretStr | None, given: str | None, csrf_ok: bool, head
 
 
 def is_loopback(host: str) -> bool:
+    """Whether a bind host is this machine only (the dashboard's and `kd-client serve`'s default)."""
     if host == "localhost":
         return True
     try:

@@ -14,31 +14,73 @@ from typing import Any
 import mlx.core as mx
 import structlog
 
+from jobs.config import resolve_config
+from jobs.errors import ModelError
 from kd_worker.engine.hooks import StopKind
-from kd_worker.engine.models import LoadedModel, load_model_dir
+from kd_worker.engine.memory import Backend, job_budget, read_dims, teacher_form
+from kd_worker.engine.models import LoadedModel, load_model_dir, quantized_slowdown
 from kd_worker.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 
 
 class Runtime:
-    def __init__(self, settings: WorkerSettings):
+    def __init__(self, settings: WorkerSettings, backend: Backend | None = None):
         self.settings = settings
+        self.backend = backend or Backend.detect()
+        self.budget = job_budget(settings.max_job_memory, self.backend)
         self._teacher: LoadedModel | None = None
         self._student: LoadedModel | None = None
 
-    def _load(self, path: Path) -> LoadedModel:
-        return load_model_dir(path, self.settings.compute_dtype, self.settings.work_dir / "identity.json")
+    def _load(self, path: Path, dequantize: bool = False) -> LoadedModel:
+        return load_model_dir(path, self.settings.compute_dtype, self.settings.work_dir / "identity.json", dequantize)
 
-    def teacher(self, path: Path) -> LoadedModel:
+    def teacher(self, path: Path, student: Path | None = None) -> LoadedModel:
+        """The resident teacher, loaded on first use (or when a job names another). A quantized
+        teacher on the CPU backend is dequantized when a job of the worker's default settings
+        with `student` (default KD_STUDENT) still fits the memory budget."""
         path = Path(path).resolve()
         if self._teacher is None or self._teacher.path.resolve() != path:
             if self._teacher is not None:
                 log.info("teacher_swapped", old=str(self._teacher.path), new=str(path))
                 self._teacher = None
                 mx.clear_cache()
-            self._teacher = self._load(path)
+            self._teacher = self._load(path, self._teacher_form(path, student or self.settings.student))
         return self._teacher
+
+    def _teacher_form(self, path: Path, student: Path | None) -> bool:
+        try:
+            dims = read_dims(path)
+        except ModelError:
+            return False  # load_model_dir says what is wrong with the directory
+        if dims.bits is None or self.backend.metal:
+            return False
+        cfg = resolve_config(self.settings.kd_defaults)
+        try:  # no student known (or readable) yet: plan with the teacher's own shape, the safe side
+            s_dims = read_dims(student) if student is not None else dims
+        except ModelError:
+            s_dims = dims
+        form = teacher_form(dims, s_dims, cfg, self.budget, self.backend, self.settings.compute_dtype)
+        plan = form.plan(dims, s_dims, cfg)
+        if form.dequantize:
+            log.info(
+                "teacher_dequantized", path=str(path), bits=dims.bits, plan_bytes=plan.total, budget=self.budget.bytes
+            )
+        else:
+            slowdown = quantized_slowdown(dims.hidden, dims.intermediate, dims.bits, dims.group_size)
+            log.warning(
+                "teacher_kept_quantized",
+                path=str(path),
+                bits=dims.bits,
+                reason=f"KD_COMPUTE_DTYPE={self.settings.compute_dtype}"
+                if self.settings.compute_dtype not in ("auto", "float32")
+                else "dequantized it would not fit the memory budget",
+                plan_bytes=plan.total,
+                budget=self.budget.bytes,
+                slowdown_measured=round(slowdown, 1),
+                note=f"its matmuls run {slowdown:.0f}x slower than float32 on this CPU; expect a slow teacher phase",
+            )
+        return form.dequantize
 
     @contextlib.contextmanager
     def student(self, path: Path) -> Iterator[LoadedModel]:

@@ -1,7 +1,7 @@
 """The only RQ entry point: `run_kd_job(payload)`. Validates the payload and resolves the job's
 KDConfig before touching any file, fetches the training data by sha256, and runs the same
-`run_job` as `kd-worker distill`, with the worker's resident models, progress into job.meta and
-the per-domain publish order."""
+`run_job` as `kd-worker distill`, with the worker's resident models, progress into job.meta,
+the per-domain publish order and the domain's corpus (replay, regression set; kd_client.corpus)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from jobs.models import (
 )
 from jobs.records import DataKind
 from jobs.safefs import sha256_file, write_bytes_atomic
+from kd_client.corpus import Corpus, CorpusLimits
 from kd_worker.daemon import ordering
 from kd_worker.daemon.lifecycle import run_job
 from kd_worker.daemon.progress import JobStop, MetaProgress
@@ -180,6 +181,7 @@ def _run(ctx: WorkerContext, rq_job: Job, spec: KDJob, cfg: KDConfig, ticket: in
             run_id=run,
             job_id=rq_job.id,
             force_publish=spec.force_publish,
+            submitter=spec.submitter,
         )
         stop = JobStop(ctx, rq_job.id, run)
         outcome = run_job(
@@ -191,6 +193,7 @@ def _run(ctx: WorkerContext, rq_job: Job, spec: KDJob, cfg: KDConfig, ticket: in
             publish_guard=lambda: ordering.in_order(ctx.connection, spec.domain, rq_job.id, ticket, stop),
             reuse_outcome=True,
             remote=RedisPublishing(ctx.connection, ctx.settings) if ctx.settings.publish_to != "local" else None,
+            corpus=Corpus(ctx.connection, spec.domain, CorpusLimits.from_settings(ctx.settings)),
         )
     except JobInterrupted as e:
         log.info("job_interrupted", reason=str(e))

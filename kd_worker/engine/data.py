@@ -4,7 +4,6 @@ is trained when is `kd_worker.engine.batches`' business)."""
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any, Literal
 import numpy as np
 
 from jobs.errors import DataError
-from jobs.records import read_records
+from jobs.records import example_key, read_records
 
 
 @dataclass(frozen=True)
@@ -75,11 +74,6 @@ class Batch:
     @property
     def n_tokens(self) -> int:
         return int(self.labels.shape[0])
-
-
-def example_key(prompt: Sequence[dict[str, str]], response: str | None) -> str:
-    blob = json.dumps({"p": list(prompt), "r": response}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def load_examples(files: Sequence[tuple[Literal["prompts", "corrections"], Path]], max_examples: int) -> list[Example]:

@@ -148,6 +148,25 @@ def uld_distance(logits: mx.array, logp: mx.array, lse_t: mx.array, temperature:
     return mx.abs(p - q).sum(axis=-1) + mx.abs(p.sum(axis=-1) - q.sum(axis=-1))
 
 
+def validation_sums(
+    logits: mx.array, t: Targets, temperature: float, kind: Divergence = "forward_kl", beta: float = 0.5
+) -> tuple[mx.array, ...]:
+    """`loss_sums` and `agreement_sums` of the same logits in one pass (kd, ce, kd_n, n, kl, top1):
+    one log-sum-exp at T=1 serves CE, the KL at T=1 and, at T=1, the KD term."""
+    logits = logits.astype(mx.float32)
+    valid = t.logp != NEG_INF
+    lse1 = mx.logsumexp(logits, axis=-1)
+    ce = lse1 - mx.take_along_axis(logits, t.labels[:, None], axis=-1).squeeze(-1)
+    lq1, tq1 = student_bucketed(logits, t.ids, valid, 1.0, lse1)
+    kl = (forward_kl(t.logp, t.tail, lq1, tq1) * t.kd_mask).sum()
+    lq, tq = (lq1, tq1) if temperature == 1.0 else student_bucketed(logits, t.ids, valid, temperature)
+    lp, tp = teacher_tempered(t.logp, t.tail, t.lse_t, temperature)
+    d = divergence(kind, lp, tp, lq, tq, valid, beta)
+    top1 = ((mx.argmax(logits, axis=-1) == t.ids[:, 0]) * t.kd_mask).sum()
+    n = mx.array(ce.shape[0], mx.float32)
+    return (d * t.kd_mask).sum(), ce.sum(), t.kd_mask.sum(), n, kl, top1
+
+
 def agreement_sums(logits: mx.array, t: Targets) -> tuple[mx.array, mx.array]:
     """(forward KL at T=1 summed over kd positions, top-1 agreements with the teacher)."""
     valid = t.logp != NEG_INF
@@ -180,14 +199,17 @@ def forward_kl_ce_grad(
     z = logits.astype(mx.float32)
     n, v = z.shape
     m = mx.stop_gradient(z.max(axis=-1, keepdims=True))
+    z_label = mx.take_along_axis(z, t.labels[:, None], axis=-1).squeeze(-1)
     shifted = z - m
     e = mx.exp(shifted)
     s1 = e.sum(axis=-1, keepdims=True)
-    ce = (m + mx.log(s1)).squeeze(-1) - mx.take_along_axis(z, t.labels[:, None], axis=-1).squeeze(-1)
+    ce = (m + mx.log(s1)).squeeze(-1) - z_label
+    # [rows, V] arrays kept to a minimum: e and e_t; the softmax at T is e_t / s_t inside the
+    # gradient expression, never an array of its own (the fused step's working set, see objective)
     e_t = _tempered_exp(shifted, e, temperature)
-    r = e_t / e_t.sum(axis=-1, keepdims=True)  # student softmax at T
+    s_t = e_t.sum(axis=-1, keepdims=True)
     valid = t.logp != NEG_INF
-    r_s = mx.where(valid, mx.take_along_axis(r, t.ids, axis=-1), 0.0)
+    r_s = mx.where(valid, mx.take_along_axis(e_t, t.ids, axis=-1) / s_t, 0.0)
     lq = mx.where(valid, mx.log(mx.maximum(r_s, 1e-38)), NEG_INF)
     r_tail = mx.maximum(1.0 - r_s.sum(axis=-1), 1e-6)
     lp, tp = teacher_tempered(t.logp, t.tail, t.lse_t, temperature)
@@ -195,9 +217,10 @@ def forward_kl_ce_grad(
     p_tail = mx.where(tp == NEG_INF, 0.0, mx.exp(tp))
     kd_w = kd_weight * t.kd_mask / temperature  # [N]
     coef = 1.0 - p_tail / r_tail  # outside the support: r_j * coef = r_j - p_tail r_j / r_tail
-    grad = r * (kd_w * coef)[:, None] + (e / s1) * ce_weight
+    grad = e_t * (kd_w * coef)[:, None] / s_t + e * (ce_weight / s1)
     on_support = mx.where(valid, (1.0 - coef)[:, None] * r_s - mx.where(valid, mx.exp(lp), 0.0), 0.0) * kd_w[:, None]
     rows = mx.arange(n, dtype=mx.int32)[:, None] * v
-    grad = grad.reshape(-1).at[(rows + t.ids).reshape(-1)].add(on_support.reshape(-1))
-    grad = grad.at[(rows[:, 0] + t.labels)].add(-ce_weight * mx.ones((n,)))
+    # one scatter for the support and label corrections (each scatter copies the [rows, V] gradient)
+    at = mx.concatenate([(rows + t.ids).reshape(-1), rows[:, 0] + t.labels])
+    grad = grad.reshape(-1).at[at].add(mx.concatenate([on_support.reshape(-1), -ce_weight * mx.ones((n,))]))
     return kl, ce, grad.reshape(n, v)

@@ -44,7 +44,8 @@ def identity_doc(teacher: LoadedModel, student: LoadedModel, cfg: KDConfig, plan
 
 
 def metrics_doc(c: Candidate, gate: dict[str, Any]) -> dict[str, Any]:
-    """kd_metrics.json: loss curves, before/after, the gate's decision, data, timing, targets."""
+    """kd_metrics.json: loss curves, before/after, the gate's decision (held-out and regression set),
+    data, timing, targets, the continual loop's init and replay."""
     data, result = c.data, c.result
     seqs = data.train + data.val
     n_target_tokens = sum(len(t) for t in data.targets)
@@ -74,6 +75,7 @@ def metrics_doc(c: Candidate, gate: dict[str, Any]) -> dict[str, Any]:
             "bytes_per_token": sum(t.nbytes for t in data.targets) / max(n_target_tokens, 1),
         },
         "vocabulary": {"mode": data.plan.mode, "notes": list(data.plan.notes)},
+        "continual": continual_doc(c),
         "samples": c.samples,
         **({"xtok": xtok.coverage_report(seqs)} if data.plan.mode == "cross" else {}),
     }
@@ -91,6 +93,20 @@ def on_policy_doc(cfg: KDConfig, train: list[dict[str, float]]) -> dict[str, Any
         "score_s": sum(r.get("score_s", 0.0) for r in on),
         "kl_first": kls[0] if kls else None,
         "kl_last": kls[-1] if kls else None,
+    }
+
+
+def continual_doc(c: Candidate) -> dict[str, Any]:
+    """Where the job started from and what of the domain's history it saw."""
+    return {
+        "init": c.init,
+        "replay": {
+            "share": c.cfg.replay if c.data.replay else 0.0,
+            "examples": len(c.data.replay),
+            "rows": int(sum(row.get("replay_rows", 0) for row in c.result.history["train"])),
+            "keys": c.data.replay_keys,  # which corpus examples (kd-client data list) trained this version too
+        },
+        "regression_examples": len(c.data.regression),
     }
 
 
@@ -129,6 +145,7 @@ def publish(
         "metrics": {"before": c.before, "after": c.after},
         "data": metrics["data"],
         "gate": gate,
+        "init": c.init,
         "forced": req.force_publish and gate["decision"] == "reject",
     }
     hooks.on_progress(Progress("publish", 0, 1))

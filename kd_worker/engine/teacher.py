@@ -21,7 +21,7 @@ from jobs.errors import DataError
 from kd_worker.engine.cache import TargetCache, cache_key
 from kd_worker.engine.data import Example, SoftTargets, render_prompt
 from kd_worker.engine.hooks import Hooks, Progress, check_stop
-from kd_worker.engine.models import LoadedModel, head_logits, hidden_at
+from kd_worker.engine.models import LoadedModel, logit_chunks
 
 log = structlog.get_logger(__name__)
 
@@ -149,19 +149,18 @@ def score(
         inputs[b, : len(full) - 1] = full[:-1]
         positions.append(b * width + len(p) - 1 + np.arange(len(r)))
     flat = np.concatenate(positions).astype(np.int32)
-    hidden = hidden_at(lm, mx.array(inputs), mx.array(flat))
-    starts = list(range(0, len(flat), SCORE_CHUNK))
-    pending = head_logits(lm, hidden[:SCORE_CHUNK], n_vocab)
-    mx.async_eval(pending)
-    chunks = []
-    for i, _ in enumerate(starts):
-        logits = pending
-        if i + 1 < len(starts):  # MLX computes the next chunk while numpy post-processes this one
-            pending = head_logits(lm, hidden[starts[i + 1] : starts[i + 1] + SCORE_CHUNK], n_vocab)
-            mx.async_eval(pending)
+    ids, logp = np.zeros((len(flat), k), np.int32), np.zeros((len(flat), k), np.float32)
+    tail, lse_t = np.zeros(len(flat), np.float32), np.zeros(len(flat), np.float32)
+    chunks = logit_chunks(lm, inputs, flat, n_vocab, SCORE_CHUNK)
+    pending = next(chunks, None)
+    while pending is not None:
+        idx, logits = pending
+        mx.async_eval(logits)
+        pending = next(chunks, None)  # MLX computes the next chunk while numpy post-processes this one
+        if pending is not None:
+            mx.async_eval(pending[1])
         mx.eval(logits)
-        chunks.append(targets_from_logits(np.array(logits, copy=False), k, temperature))
-    ids, logp, tail, lse_t = (np.concatenate([c[i] for c in chunks]) for i in range(4))
+        ids[idx], logp[idx], tail[idx], lse_t[idx] = targets_from_logits(np.array(logits, copy=False), k, temperature)
     out, offset = [], 0
     for _, r in sequences:
         sl = slice(offset, offset + len(r))

@@ -46,7 +46,7 @@ from kd_worker.engine import losses
 from kd_worker.engine.batches import BatchSource, StatefulBatchSource, batch_plan
 from kd_worker.engine.data import StudentSequence, collate
 from kd_worker.engine.hooks import Hooks, Progress, check_stop, raise_for_stop
-from kd_worker.engine.models import LoadedModel, head_logits, hidden_at
+from kd_worker.engine.models import LoadedModel, hidden_at
 from kd_worker.engine.objective import Objective, to_mx_targets, uld_rows
 from kd_worker.engine.types import TrainResult
 
@@ -110,13 +110,8 @@ def evaluate(
     lm.model.eval()
     tot = np.zeros(8)
     for idx in batch_plan([len(s.tokens) for s in seqs], batch_size):
-        b = collate([seqs[i] for i in idx])
-        x, pos, t = mx.array(b.inputs), mx.array(b.positions), to_mx_targets(b)
-        h = hidden_at(lm, x, pos)  # one body pass serves the loss sums and the agreement metrics
-        sums = objective.sums(lm, h, t, uld_rows(b))
-        kl, top1 = losses.agreement_sums(head_logits(lm, h, objective.n_vocab), t)
-        mx.eval(*sums, kl, top1)
-        tot += [scalar(v) for v in (*sums[:4], kl, top1, *sums[4:])]
+        # one body pass, then the head chunk by chunk: loss sums, KL and top-1 from the same logits
+        tot += objective.measure(lm, collate([seqs[i] for i in idx]))
         if hooks is not None:
             check_stop(hooks, "during validation", "the job resumes from its last checkpoint")
     if was_training:

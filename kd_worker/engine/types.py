@@ -25,6 +25,21 @@ class DistillRequest:
     run_id: str  # names the run's checkpoints; retries and requeues of one submission share it
     job_id: str | None = None
     force_publish: bool = False
+    submitter: str = "kd-worker"  # for the corpus's provenance
+
+
+@dataclass(frozen=True)
+class Continual:
+    """What the domain's past brings to a job; the caller fetches it (daemon.continual: the corpus
+    in Redis, the published version), the engine never talks to Redis.
+
+    replay:      earlier jobs' training examples mixed into the batches (KDConfig.replay)
+    regression:  earlier jobs' held-out examples, on which the gate compares candidate and published
+    init_from:   the published version directory a KDConfig.init="current" job starts from"""
+
+    replay: tuple[Example, ...] = ()
+    regression: tuple[Example, ...] = ()
+    init_from: Path | None = None
 
 
 @dataclass
@@ -43,6 +58,9 @@ class Prepared:
     train: list[StudentSequence]
     val: list[StudentSequence]
     teacher_s: float
+    replay: list[StudentSequence] = field(default_factory=list)
+    regression: list[StudentSequence] = field(default_factory=list)
+    replay_keys: list[str] = field(default_factory=list)  # the replayed examples (kd_metrics.json)
 
 
 @dataclass
@@ -66,6 +84,7 @@ class Candidate:
     checkpoints: DirCheckpointStore
     n_examples: int
     identity: dict[str, Any]  # teacher, student, vocabulary and adapter shape (outputs.identity_doc)
+    init: dict[str, Any] = field(default_factory=lambda: {"requested": "base", "used": "base"})  # warm start
     samples: list[dict[str, str]] = field(default_factory=list)  # engine.samples: held-out answers before/after
     # the published step (engine.selection): {"step", "by": "val_kl" | "last", "val_kl"}; None: the last
     selected: dict[str, Any] | None = None

@@ -73,6 +73,59 @@ def _redis_check(url: str) -> Check:
         return Check("redis", "warn", f"{url} unreachable ({e}); start Redis or set KD_REDIS_URL (see README)")
 
 
+def memory_checks(settings: WorkerSettings) -> list[Check]:
+    """The memory plan of a job with the worker's default settings on the configured teacher and
+    student, against the budget; and, for a quantized teacher, the form it computes in."""
+    from jobs.config import resolve_config
+    from jobs.errors import KDError, ResourceLimitExceeded
+    from kd_worker.engine import memory as M
+    from kd_worker.engine.models import quantized_slowdown
+
+    if settings.teacher is None or settings.student is None:
+        return []
+    try:
+        cfg = resolve_config(settings.kd_defaults)
+        t, s = M.read_dims(settings.teacher), M.read_dims(settings.student)
+    except KDError as e:
+        return [Check("memory plan", "fail", str(e))]
+    backend = M.Backend.detect()
+    budget = M.job_budget(settings.max_job_memory, backend)
+    form = M.teacher_form(t, s, cfg, budget, backend, settings.compute_dtype)
+    try:
+        plan = M.check_plan(lambda c: form.plan(t, s, c), cfg, budget.bytes, budget.source)
+    except ResourceLimitExceeded as e:
+        checks = [Check("memory plan", "fail", f"a job with the default settings would be refused: {e}")]
+    else:
+        parts = ", ".join(f"{k} {M.human(v)}" for k, v in plan.phases[plan.peak_phase].items())
+        held = " (dequantized)" if form.dequantize else ""
+        detail = (
+            f"{M.human(plan.total)} of a {M.human(budget.bytes)} budget ({budget.source}): teacher "
+            f"{M.human(plan.teacher)}{held} + student {M.human(plan.student)}"
+            f" + {plan.peak_phase} ({parts}) at batch_size={cfg.batch_size}, max_seq_length={cfg.max_seq_length}, "
+            f"gen_batch_size={cfg.gen_batch_size}, gen_max_tokens={cfg.gen_max_tokens}"
+        )
+        checks = [Check("memory plan", "ok", detail)]
+    if t.bits is not None and backend.metal:
+        checks.append(Check("teacher compute", "ok", f"{t.bits}-bit on Metal (quantized matmuls are its fast path)"))
+    elif t.bits is not None:
+        slowdown = quantized_slowdown(t.hidden, t.intermediate, t.bits, t.group_size)
+        if form.dequantize:
+            detail = f"dequantized to float32 at load: its {t.bits}-bit matmuls measured {slowdown:.0f}x slower here"
+            checks.append(Check("teacher compute", "ok", detail))
+        else:
+            why = (
+                f"KD_COMPUTE_DTYPE={settings.compute_dtype}"
+                if settings.compute_dtype not in ("auto", "float32")
+                else "float32 would not fit the memory budget"
+            )
+            detail = (
+                f"kept {t.bits}-bit ({why}): its matmuls measured {slowdown:.0f}x slower than float32 here; "
+                "expect a slow teacher phase"
+            )
+            checks.append(Check("teacher compute", "warn", detail))
+    return checks
+
+
 def run_checks(settings: WorkerSettings, blas: BlasInfo) -> list[Check]:
     import mlx.core as mx
 
@@ -98,6 +151,8 @@ def run_checks(settings: WorkerSettings, blas: BlasInfo) -> list[Check]:
     checks.append(_redis_check(settings.redis_url))
     checks.append(_model_check("teacher", "KD_TEACHER", settings.teacher))
     checks.append(_model_check("student", "KD_STUDENT", settings.student))
+    if checks[-1].status == checks[-2].status == "ok":
+        checks.extend(memory_checks(settings))
     checks.append(_dir_writable(settings.adapters_dir))
     checks.append(_dir_writable(settings.work_dir))
     return checks

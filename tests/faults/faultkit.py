@@ -41,10 +41,19 @@ PHASED = {
     "gen_batch_size": 4,
     "batch_size": 1,
     "lora_rank": 64,
+    "replay": 0.0,  # the phases' teacher work is exactly this job's (no replayed history)
 }
 # A quick job with the same adapter shape (same student, LoRA rank/layers): publishes a first
 # version, so later jobs of the domain run the publish gate's validation against it.
-WARMUP = {"iterations": 4, "save_every": 4, "val_every": 100000, "gen_max_tokens": 8, "lora_rank": 64}
+# No held-out split: no regression set for the phased job's gate to generate responses for.
+WARMUP = {
+    "iterations": 4,
+    "save_every": 4,
+    "val_every": 100000,
+    "gen_max_tokens": 8,
+    "lora_rank": 64,
+    "val_fraction": 0.0,
+}
 
 
 def write_prompts(path: Path, n: int, tag: str = "q") -> Path:

@@ -3,6 +3,7 @@ learning, exact resume, vocabulary guard, quantized models, divergence, caching.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -55,7 +56,13 @@ def test_cli_distill_writes_the_seed_layout_usable_by_mlx_lm(tmp_path, models_ro
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    outcome = json.loads(out.stdout)
+    outcome = json.loads(out.stdout)  # stdout is the outcome alone
+    log = [json.loads(line) for line in out.stderr.splitlines()]  # --json: the log is JSON lines too
+    timed = {e["phase"]: e for e in log if e["event"] == "phase_finished"}
+    assert {"generate", "score", "train", "validate", "publish"} <= set(timed)
+    assert all(e["seconds"] >= 0 and e["mlx_peak_bytes"] > 0 for e in timed.values())
+    assert any(e["event"] == "progress" and e["phase"] == "train" for e in log)
+    assert next(e for e in log if e["event"] == "memory_plan")["total"] > 0
     d = tmp_path / "out" / "memory"
     for name in ("adapters.safetensors", "adapter_config.json", "kd_metrics.json", "checkpoint_20", "checkpoint_40"):
         assert (d / name).exists(), name
@@ -219,8 +226,13 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
     assert not (tmp_path / "adapters_kd" / "memory").exists()  # nothing published
 
 
-def test_teacher_scores_match_a_full_vocabulary_reference(models_root):
+@pytest.mark.parametrize("split", [True, False])
+def test_teacher_scores_match_a_full_vocabulary_reference(models_root, monkeypatch, split):
+    """Scored in chunks of 3 rows; without a body/head split the full forward runs per sequence."""
     lm = load_model_dir(models_root / "teacher")
+    if not split:
+        lm = dataclasses.replace(lm, split=None)
+    monkeypatch.setattr(teacher_fns, "SCORE_CHUNK", 3)
     prompt = lm.tokenizer.apply_chat_template(
         [{"role": "user", "content": "What matters?"}], add_generation_prompt=True
     )
@@ -287,7 +299,7 @@ def shared_work(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
 def test_reverse_kl_and_jsd_move_the_student_toward_the_teacher(shared_work, models_root, divergence):
     """The KD term alone (alpha=1: no CE to lean on) must lower the held-out KL to the teacher."""
-    over = {**FAST, "divergence": divergence, "alpha": 1.0, "val_every": 10}
+    over = {**FAST, "divergence": divergence, "alpha": 1.0, "val_every": 10, "init": "base"}  # not from the other run
     out = distill(shared_work, models_root, overrides=over, run_id=divergence, force_publish=True)
     kl = [r["kl"] for r in json.loads((Path(out["adapter_path"]) / "kd_metrics.json").read_text())["val"]]
     assert len(kl) == 3 and kl[2] < kl[1] < kl[0] and kl[2] < 0.97 * kl[0], kl

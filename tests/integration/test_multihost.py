@@ -6,6 +6,7 @@ and a watcher + AdapterSlot there serve exactly what B's version would."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import signal
 import subprocess
@@ -187,7 +188,7 @@ def test_a_version_published_on_b_is_served_on_a_exactly_as_b_would(host, worker
 
 def test_two_workers_on_two_hosts_make_one_ordered_history(host, worker, syncs):
     """B publishes v1; then C, whose directory is empty, publishes: v2 (the number comes from Redis),
-    gated against B's v1 (mirrored into C's directory first). A sees v1 then v2."""
+    warm-started from and gated against B's v1 (mirrored into C's directory first). A sees v1 then v2."""
     b, c, a = host("b", KD_PUBLISH_TO="both"), host("c", KD_PUBLISH_TO="redis"), host("a")
     sync = syncs(a)
     conn = connect(b.env)
@@ -205,6 +206,8 @@ def test_two_workers_on_two_hosts_make_one_ordered_history(host, worker, syncs):
     assert not c.adapters.exists()
     assert [v.number for v in publisher.versions(c_root, "memory")] == [1, 2]
     assert snapshot(c_root / "memory" / "versions" / "0001") == snapshot(b.version(1))
+    init = json.loads((c_root / "memory" / "versions" / "0002" / publisher.METRICS).read_text())["continual"]["init"]
+    assert (init["used"], init["version"]) == ("current", 1)  # warm-started from B's v1, mirrored from Redis
     sync.wait_line("memory: v2 installed")
     assert [v.number for v in publisher.versions(a.adapters, "memory")] == [1, 2]
     jobs = [publisher.verify(a.version(n))["summary"]["job_id"] for n in (1, 2)]

@@ -11,7 +11,8 @@ from helpers import distill, engine_settings
 from jobs import publisher
 from kd_worker.daemon.runtime import Runtime
 
-COMMON = {"gen_max_tokens": 24, "val_fraction": 0.25, "val_every": 100, "save_every": 100}
+# init=base: each candidate starts from the bare student (UNTRAINED is the bare student), not from the published version
+COMMON = {"gen_max_tokens": 24, "val_fraction": 0.25, "val_every": 100, "save_every": 100, "init": "base"}
 TRAINED = {**COMMON, "iterations": 40, "learning_rate": 1e-3}
 UNTRAINED = {**COMMON, "iterations": 1, "learning_rate": 1e-6}  # the bare student: clearly worse
 

@@ -224,7 +224,7 @@ def test_system_unit_verifies_orders_after_redis_and_drops_root(home, tmp_path, 
     assert unit["Unit"]["After"] == "redis-server.service" and unit["Unit"]["Wants"] == "redis-server.service"
     assert unit["Service"]["User"] == units.REPO.owner()  # the owner of the checkout and its venv
     assert unit["Service"]["EnvironmentFile"] == "/etc/kd-daemon/kd-worker.env"
-    assert unit["Service"]["TimeoutStopSec"] == "60"
+    assert unit["Service"]["TimeoutStopSec"] == str(SHUTDOWN_GRACE_S)
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     if shutil.which("systemd-analyze"):
         systemd_verify(tmp_path, [out / UNIT], user=False)
