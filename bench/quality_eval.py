@@ -13,8 +13,9 @@ answer_kl    KL at the answer position over the ten digits + one "anything else"
 valid_mass   the student's probability on correct answers at the answer position
 ece          expected calibration error (10 equal-width bins) of the answer token on the
              single-answer questions (max/min): confidence = the student's top probability,
-             correct = its argmax is the answer. Set questions are left out: a student that
-             spreads 1/3 over three correct answers is right, not under-confident.
+             correct = its argmax is the answer (its first digit, for sort). Set questions are
+             left out: a student that spreads 1/3 over three correct answers is right, not
+             under-confident.
 """
 
 from __future__ import annotations
@@ -143,7 +144,9 @@ def score(lm, ref: Reference, same_vocab: bool, teacher=None, max_tokens: int = 
     answers = [decode(lm, r) for r in ids]
     ok = np.array([task.check(it, a) for it, a in zip(items, answers, strict=True)])
     single = np.array([it.single for it in items])
-    out: dict[str, float] = {"accuracy": ok.mean(), "acc_single": ok[single].mean(), "acc_set": ok[~single].mean()}
+    out: dict[str, float] = {"accuracy": ok.mean(), "acc_single": ok[single].mean()}
+    if (~single).any():  # the sort task has no set questions
+        out["acc_set"] = ok[~single].mean()
     prompts = prompts_of(lm, items)
     if same_vocab:
         logq = forced_logp(lm, prompts, ref.response_ids)
@@ -163,7 +166,7 @@ def score(lm, ref: Reference, same_vocab: bool, teacher=None, max_tokens: int = 
     conf = np.exp(first.max(-1))
     pick = first.argmax(-1)
     correct = np.array(
-        [int(t) in set(lm.digit_ids[[int(a) for a in it.answers]]) for t, it in zip(pick, items, strict=True)]
+        [int(t) in set(lm.digit_ids[[int(a[0]) for a in it.answers]]) for t, it in zip(pick, items, strict=True)]
     )
     out["ece"] = ece(conf[single], correct[single].astype(float))
     return {k: float(v) for k, v in out.items()}
