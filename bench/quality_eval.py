@@ -161,7 +161,7 @@ def score(lm, ref: Reference, same_vocab: bool, teacher=None, max_tokens: int = 
     q = np.stack([answer_probs(row, lm.digit_ids) for row in first])
     p = ref.answer_p
     out["answer_kl"] = float(np.mean((p * (np.log(np.maximum(p, 1e-30)) - np.log(np.maximum(q, 1e-30)))).sum(-1)))
-    valid = np.array([[d in it.answers for d in DIGITS] + [False] for it in items])
+    valid = np.array([[d in {a[0] for a in it.answers} for d in DIGITS] + [False] for it in items])  # sort: 1st digit
     out["valid_mass"] = float((q * valid).sum(-1).mean())
     conf = np.exp(first.max(-1))
     pick = first.argmax(-1)
