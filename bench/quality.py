@@ -123,6 +123,13 @@ def rows_table() -> list[Row]:
         Row("seq_op05", "8 sort: on-policy 0.5", on, {**seq, "on_policy": 0.5}, task="sort"),
         Row("seq_op10", "8 sort: on-policy 1.0", on, {**seq, "on_policy": 1.0}, task="sort"),
         Row(
+            "seq_op10_fkl",
+            "8 sort: on-policy 1.0, forward KL (the metric's direction)",
+            on,
+            {**seq, "on_policy": 1.0, "on_policy_divergence": "forward_kl"},
+            task="sort",
+        ),
+        Row(
             "seq_op10_budget",
             f"8 sort: on-policy 1.0, KD's teacher tokens ({BUDGET_STEPS} steps)",
             on,
