@@ -141,7 +141,7 @@ def test_rollouts_are_deterministic_in_seed_and_step_and_leave_the_step_as_the_l
     assert np.array_equal(np.array(probe), np.array(mx.random.uniform(shape=(4,))))  # LoRA dropout's draws
     assert model.training  # back in train mode after sampling with dropout off
     assert same_batch(first, b.batch(0, model))  # a fresh source, the same (seed, step): the same rollout
-    assert first.objective.divergence == "reverse_kl" and first.objective.alpha == 1.0
+    assert first.objective.divergence == "forward_kl" and first.objective.alpha == 1.0
     assert first.info["on_policy"] == 1.0 and first.info["rollout"] == 1.0 and first.info["onpolicy_kl"] > 0
     assert not same_batch(first, source(pair, seed=1).batch(0, model))  # another seed samples afresh
     # the next step of the window trains on the same buffer; a source restored from the state does too

@@ -81,6 +81,6 @@ def test_on_policy_settings_are_validated():
         0.0,
         "last",
         0,
-        "reverse_kl",
+        "forward_kl",
         1.0,
     )
