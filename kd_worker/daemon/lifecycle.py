@@ -31,7 +31,7 @@ from kd_worker.daemon.runtime import Runtime
 from kd_worker.engine import outputs
 from kd_worker.engine.cache import TargetCache
 from kd_worker.engine.data import Example, load_examples, split_examples
-from kd_worker.engine.distill import distill
+from kd_worker.engine.distill import distill, fits
 from kd_worker.engine.gate import publish_gate
 from kd_worker.engine.hooks import HookList, Hooks
 from kd_worker.engine.memory import JobShape, MemoryBudget, MemoryPlan, Precision, check_plan, plan_job, read_dims
@@ -86,7 +86,8 @@ def run_job(
         remote.prepare(req.domain)  # warm start from the domain's newest version, whichever worker published it
     history = continual.plan(corpus, req, cfg, examples, run_dir, settings.publish_root)
     teacher = Teacher(runtime.teacher(req.teacher, req.student), TargetCache(settings.work_dir / "cache"))
-    every = [*examples, *history.replay, *history.regression]  # replayed and regression examples are scored too
+    # replayed and regression examples are scored too, those that fit this job (distill skips the rest)
+    every = [*examples, *(e for e in (*history.replay, *history.regression) if fits(e, cfg, teacher.lm.tokenizer))]
     check_memory(req, cfg, teacher, every, runtime, settings.compute_dtype)  # before the student loads
     mx.reset_peak_memory()
     hooks = HookList(MemoryBudget(runtime.budget.bytes, runtime.budget.source), hooks)

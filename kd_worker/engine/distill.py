@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
@@ -71,18 +72,17 @@ def require_trainable(student: LoadedModel, cfg: KDConfig) -> None:
     )
 
 
+def fits(example: Example, cfg: KDConfig, *tokenizers: Any) -> bool:
+    """Whether the example's prompt leaves room for a response under max_seq_length in each tokenizer."""
+    return all(len(render_prompt(t, example.prompt)) < cfg.max_seq_length - 1 for t in tokenizers)
+
+
 def fitting(
     teacher: Teacher, student: LoadedModel, examples: Sequence[Example], cfg: KDConfig, what: str
 ) -> list[Example]:
     """History examples whose prompt leaves room for a response in both tokenizers. A job's own
     overlong prompt is a DataError; another job's, admitted under its own max_seq_length, is skipped."""
-    room = cfg.max_seq_length - 1
-    keep = [
-        e
-        for e in examples
-        if len(render_prompt(teacher.lm.tokenizer, e.prompt)) < room
-        and len(render_prompt(student.tokenizer, e.prompt)) < room
-    ]
+    keep = [e for e in examples if fits(e, cfg, teacher.lm.tokenizer, student.tokenizer)]
     if len(keep) < len(examples):
         log.warning(
             "history_examples_skipped", what=what, skipped=len(examples) - len(keep), max_seq_length=cfg.max_seq_length

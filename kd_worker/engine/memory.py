@@ -22,7 +22,6 @@ margin (enforced with mx.set_memory_limit), on the CPU backend the machine's RAM
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -35,6 +34,7 @@ import mlx.core as mx
 from jobs.config import KDConfig
 from jobs.errors import ModelError, ResourceLimitExceeded
 from kd_worker.engine.hooks import Hooks, Stop
+from kd_worker.engine.models import read_config
 from kd_worker.engine.objective import chunk_rows
 from kd_worker.engine.teacher import SCORE_CHUNK, SCORE_TOKENS_PER_BATCH
 
@@ -112,9 +112,10 @@ def human(n: float) -> str:
 
 def read_dims(model_dir: Path) -> ModelDims:
     """ModelDims of a model directory's config.json (nothing else is read)."""
+    config = read_config(model_dir)
     try:
-        return ModelDims.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        return ModelDims.from_config(config)
+    except (ValueError, KeyError, TypeError) as e:
         raise ModelError(f"{model_dir}/config.json: cannot read the model's dimensions: {e}") from e
 
 

@@ -149,6 +149,19 @@ def split_model(model: nn.Module) -> tuple[Callable, Callable] | None:
     return (body, head) if ok else None
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """A model directory's config.json (ModelError naming what is wrong when it is missing or not JSON)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except FileNotFoundError as e:
+        raise ModelError(f"{path} has no config.json; is it a Hugging Face model directory?") from e
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}/config.json cannot be read as JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}/config.json is not a JSON object")
+    return config
+
+
 def load_model_dir(
     path: Path, dtype_setting: str = "auto", identity_cache: Path | None = None, dequantize: bool = False
 ) -> LoadedModel:
@@ -163,12 +176,7 @@ def load_model_dir(
         raise ModelError(f"model directory {path} does not exist or is not a directory")
     if not os.access(path, os.R_OK | os.X_OK):
         raise ModelError(f"model directory {path} is not readable (check its permissions)")
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except FileNotFoundError as e:
-        raise ModelError(f"{path} has no config.json; is it a Hugging Face model directory?") from e
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path}/config.json cannot be read as JSON: {e}") from e
+    config = read_config(path)
     if not list(path.glob("*.safetensors")):
         raise ModelError(f"{path} has no *.safetensors weights")
     try:
