@@ -26,6 +26,7 @@ FULL = [
     ["bench.serve"],
     ["bench.sync"],
     ["bench.continual"],  # the longest (about an hour on 2 shared cores); also `make bench-continual`
+    ["bench.onpolicy_cost"],
 ]
 QUICK = {
     "bench.step": ["--vocab", "2048", "32000"],
@@ -35,6 +36,7 @@ QUICK = {
     "bench.serve": ["--shapes", "tiny"],
     "bench.sync": ["--shapes", "tiny"],
     "bench.continual": ["--jobs", "3", "--seeds", "0", "--rows", "fresh", "warm+replay", "--name", "continual-quick"],
+    "bench.onpolicy_cost": ["--vocab", "2048"],
 }
 
 

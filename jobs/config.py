@@ -44,6 +44,21 @@ class KDConfig(BaseModel):
     val_every: PositiveInt = 50
     save_every: PositiveInt = 100
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    # Which adapter is published: the last step's, or the validation with the lowest held-out KL
+    # (steps >= 1; select=best also checkpoints at every validation, so the selected step is on disk)
+    select: Literal["last", "best"] = "last"
+    patience: Annotated[int, Field(ge=0, le=1_000_000)] = 0  # stop after N validations without a better KL; 0: never
+
+    # On-policy distillation (GKD): a share of the steps train on the student's own samples,
+    # scored token by token by the resident teacher (kd_worker/engine/onpolicy.py)
+    on_policy: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # share of on-policy steps (GKD's lambda); 0: off
+    rollout_every: PositiveInt = 1  # steps between rollout refreshes (1: every on-policy step samples afresh)
+    rollout_batch: Annotated[int, Field(ge=0, le=1024)] = 0  # prompts per rollout; 0: batch_size
+    rollout_max_tokens: Annotated[int, Field(ge=0, le=32768)] = 0  # 0: gen_max_tokens
+    rollout_temperature: Annotated[float, Field(ge=0.0, le=5.0)] = 1.0  # the student's sampling temperature
+    # forward KL on the student's samples: on bench.quality's sort task it beat GKD/tinker's reverse KL
+    on_policy_divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    on_policy_alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0  # 1: no CE toward the student's own tokens
 
     # The continual loop (README "The continual loop"): history replay and warm start. `replay` is the
     # share of each training batch drawn from the domain's corpus (earlier jobs' training examples, at most

@@ -400,7 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--prompts", action="append", metavar="FILE", help='JSONL of {"prompt": ...} or {"messages": [...]}')
     s.add_argument("--corrections", action="append", metavar="FILE", help='JSONL of {"prompt": ..., "response": ...}')
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="KD setting override, e.g. iterations=100")
+    s.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="KD setting override, e.g. iterations=100, on_policy=1.0 (train on the student's own samples "
+        "scored by the teacher), select=best patience=2 (publish the best validation, stop early)",
+    )
     s.add_argument("--priority", choices=PRIORITIES, default="normal")
     s.add_argument("--teacher", help="teacher model directory name under the worker's KD_MODELS_ROOT")
     s.add_argument("--student", help="student model directory name under the worker's KD_MODELS_ROOT")

@@ -205,7 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--corrections", action="append", metavar="FILE", help='JSONL of {"prompt": ..., "response": ...}')
     x.add_argument("--teacher", help="teacher model dir (default KD_TEACHER)")
     x.add_argument("--student", help="student base model dir (default KD_STUDENT)")
-    x.add_argument("--set", action="append", metavar="KEY=VALUE", help="KD setting override, e.g. temperature=2.0")
+    x.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="KD setting override, e.g. temperature=2.0; on_policy=1.0 trains on the student's own samples "
+        "scored by the teacher (rollout_every, rollout_batch, rollout_max_tokens, rollout_temperature, "
+        "on_policy_divergence, on_policy_alpha); select=best publishes the validation with the lowest "
+        "held-out KL, patience=N stops after N validations without a better one",
+    )
     x.add_argument("--out", help="adapters root (default KD_ADAPTERS_DIR); the domain's directory goes below it")
     x.add_argument("--force", action="store_true", help="publish even if the publish gate finds a regression")
     x.add_argument("--json", action="store_true", help="print the outcome as JSON")

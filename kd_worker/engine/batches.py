@@ -10,7 +10,7 @@ a global RNG or on how many batches were drawn before: that is what makes resume
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import mlx.nn as nn
 import numpy as np
@@ -22,6 +22,17 @@ class BatchSource(Protocol):
     def batch(self, step: int, model: nn.Module) -> Batch:
         """The batch trained at `step` (0-based)."""
         ...
+
+
+@runtime_checkable
+class StatefulBatchSource(BatchSource, Protocol):
+    """A source whose batches depend on more than (seed, step): e.g. rollouts sampled from the
+    weights at an earlier step. The trainer saves `state()` with every checkpoint (under
+    "batches.") and hands it back to `load_state` on resume, so resume stays exact."""
+
+    def state(self) -> dict[str, np.ndarray]: ...
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None: ...
 
 
 def batch_plan(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:

@@ -3,7 +3,9 @@ and the queue worker share.
 
     examples (+ replayed history, regression set) -> teacher prompts -> responses (generated,
       cached) -> targets (scored, cached) -> student sequences -> LoRA layers (warm-started from
-      the published adapter when asked) -> training (checkpointed, replay mixed in) -> Candidate
+      the published adapter when asked) -> training (checkpointed, replay mixed in; on_policy > 0:
+      student rollouts scored by the teacher, engine.onpolicy) -> the selected step
+      (engine.selection) -> Candidate
 
 What happens to the candidate is the caller's: `engine.gate.publish_gate` judges it and
 `engine.outputs.publish` hands it to `jobs.publisher`, the only writer of adapters_kd/.
@@ -21,16 +23,16 @@ import structlog
 
 from jobs.config import KDConfig
 from jobs.errors import ConfigError, DataError, ModelError
-from kd_worker.engine import outputs, xtok
-from kd_worker.engine.batches import training_batches
+from kd_worker.engine import onpolicy, outputs, selection, xtok
+from kd_worker.engine.batches import BatchSource, training_batches
 from kd_worker.engine.checkpoints import DirCheckpointStore
 from kd_worker.engine.data import Example, StudentSequence, render_prompt, split_examples
-from kd_worker.engine.hooks import Hooks
+from kd_worker.engine.hooks import HookList, Hooks
 from kd_worker.engine.models import LoadedModel
 from kd_worker.engine.objective import Objective
 from kd_worker.engine.samples import Probe
 from kd_worker.engine.teacher import Teacher
-from kd_worker.engine.trainer import TrainSchedule, adapter_weights, attach_lora, train
+from kd_worker.engine.trainer import adapter_weights, attach_lora, train
 from kd_worker.engine.types import Candidate, Continual, DistillRequest, Prepared, Scored
 from kd_worker.engine.vocab import VocabPlan, plan_vocabulary
 from kd_worker.engine.warmstart import warm_start
@@ -101,6 +103,7 @@ def prepare(
     own examples and, in the same teacher pass, the replayed and regression-set ones (their targets
     come from the cache unless the teacher changed)."""
     plan = plan_vocabulary(teacher.lm, student, allow_cross=True)  # different tokenizers: engine.xtok
+    onpolicy.check_pair(plan, cfg)  # before any teacher work
     continual = continual or Continual()
     replay = fitting(teacher, student, continual.replay, cfg, "replay")
     regression = fitting(teacher, student, continual.regression, cfg, "regression set")
@@ -144,9 +147,59 @@ def distill(
     init = warm_start(student, identity["adapter"], cfg.init, continual.init_from)  # a checkpoint overrides it
     store = DirCheckpointStore(checkpoints)
     objective = Objective.from_config(cfg, data.plan.student_vocab)
-    batches = training_batches(data.train, data.replay, cfg.batch_size, cfg.replay, cfg.seed)
-    result = train(student, batches, objective, store, hooks, TrainSchedule.from_config(cfg), data.val)
-    samples = probe.documents(student, before, probe.greedy(student, cfg, hooks))
+    offline = training_batches(data.train, data.replay, cfg.batch_size, cfg.replay, cfg.seed)
+    batches = with_rollouts(offline, teacher, student, train_ex, data, cfg, hooks)
+    if cfg.patience:  # primed with the history of the checkpoint the run resumes from, if any
+        resumed = store.latest()
+        hooks = HookList(hooks, selection.Patience(cfg.patience, resumed[2]["history"]["val"] if resumed else ()))
+    result = train(student, batches, objective, store, hooks, selection.schedule(cfg), data.val)
+    last = selection.last_step(result.history)
+    chosen = selection.choose(result.history["val"], cfg.select, last)
+    if chosen.step != last:  # select=best: the selected step's adapter, from its checkpoint
+        student.model.load_weights(list(store.adapter(chosen.step).items()), strict=False)
+    samples = probe.documents(student, before, probe.greedy(student, cfg, hooks))  # the published adapter's
     return Candidate(
-        request, cfg, teacher.lm, student, data, result, store, len(examples), identity, init=init, samples=samples
+        request,
+        cfg,
+        teacher.lm,
+        student,
+        data,
+        result,
+        store,
+        len(examples),
+        identity,
+        init=init,
+        samples=samples,
+        selected=chosen.doc(),
+    )
+
+
+def with_rollouts(
+    offline: BatchSource,
+    teacher: Teacher,
+    student: LoadedModel,
+    train_ex: list[Example],
+    data: Prepared,
+    cfg: KDConfig,
+    hooks: Hooks,
+) -> BatchSource:
+    """The offline (or replay) batches; with on_policy > 0, a share of steps on student rollouts of
+    the job's own training prompts (replayed history stays offline: it guards what was learnt)."""
+    if cfg.on_policy == 0:
+        return offline
+    prompts = list(
+        zip(
+            [render_prompt(student.tokenizer, e.prompt) for e in train_ex],
+            teacher.prompts(train_ex, cfg.max_seq_length),
+            strict=True,
+        )
+    )
+    return onpolicy.OnPolicyBatches(
+        offline,
+        student,
+        teacher.lm,
+        prompts,
+        onpolicy.RolloutSettings.from_config(cfg, data.plan.n_vocab),
+        onpolicy.on_policy_objective(cfg, data.plan.student_vocab),
+        hooks,
     )

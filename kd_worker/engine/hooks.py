@@ -15,7 +15,8 @@ from typing import Literal
 
 from jobs.errors import JobCanceled, JobInterrupted, ResourceLimitExceeded
 
-StopKind = Literal["cancel", "shutdown", "memory"]
+# "converged" is a normal early end (patience ran out): the loop saves and returns, nothing raises
+StopKind = Literal["cancel", "shutdown", "memory", "converged"]
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,9 @@ class StopWhen(Hooks):
 
 
 def raise_for_stop(stop: Stop | None, where: str, resume_note: str) -> None:
-    """Turn a stop reason into the job's error: canceled, interrupted (it resumes), or over budget."""
-    if stop is None:
+    """Turn a stop reason into the job's error: canceled, interrupted (it resumes), or over budget.
+    "converged" is no error: the training loop ends early on it, every other unit of work carries on."""
+    if stop is None or stop.kind == "converged":
         return
     if stop.kind == "cancel":
         raise JobCanceled(f"canceled {where}")

@@ -55,6 +55,8 @@ def metrics_doc(c: Candidate, gate: dict[str, Any]) -> dict[str, Any]:
         "before": c.before,
         "after": c.after,
         "gate": gate,
+        "selected": c.selected,
+        **({"on_policy": on_policy_doc(c.cfg, result.history["train"])} if c.cfg.on_policy > 0 else {}),
         "data": {
             "examples": c.n_examples,
             "train": len(data.train),
@@ -76,6 +78,21 @@ def metrics_doc(c: Candidate, gate: dict[str, Any]) -> dict[str, Any]:
         "continual": continual_doc(c),
         "samples": c.samples,
         **({"xtok": xtok.coverage_report(seqs)} if data.plan.mode == "cross" else {}),
+    }
+
+
+def on_policy_doc(cfg: KDConfig, train: list[dict[str, float]]) -> dict[str, Any]:
+    """The on-policy share and cost of a run (per-step numbers are in the "train" rows)."""
+    on = [r for r in train if r.get("on_policy")]
+    kls = [r["onpolicy_kl"] for r in on if "onpolicy_kl" in r]
+    return {
+        "share": cfg.on_policy,
+        "steps": len(on),
+        "rollouts": sum(int(r.get("rollout", 0)) for r in on),
+        "rollout_s": sum(r.get("rollout_s", 0.0) for r in on),
+        "score_s": sum(r.get("score_s", 0.0) for r in on),
+        "kl_first": kls[0] if kls else None,
+        "kl_last": kls[-1] if kls else None,
     }
 
 

@@ -16,8 +16,12 @@ steps. Everything else is mlx-lm's: `linear_to_lora_layers`, its adapter layout,
 
 Exact resume: the batch at step s is a pure function of (seed, s) (the BatchSource contract), the
 random state is re-seeded from (seed, s) before every step, and a checkpoint holds adapter
-weights, the full Adam state and the step; a run resumed at step 100 of 200 replays steps
-101..200 bit for bit.
+weights, the full Adam state, the step and, for a source with state (`StatefulBatchSource`: the
+on-policy rollout buffer), that state under "batches."; a run resumed at step 100 of 200 replays
+steps 101..200 bit for bit.
+
+Early end: a "converged" stop reason (patience, engine.selection) ends the loop normally after a
+checkpoint; every other stop reason raises the job's error.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from jobs.config import KDConfig
 from jobs.errors import TrainingDiverged
 from kd_worker.engine import losses
-from kd_worker.engine.batches import BatchSource, batch_plan
+from kd_worker.engine.batches import BatchSource, StatefulBatchSource, batch_plan
 from kd_worker.engine.data import StudentSequence, collate
 from kd_worker.engine.hooks import Hooks, Progress, check_stop, raise_for_stop
 from kd_worker.engine.models import LoadedModel, hidden_at
@@ -128,15 +132,21 @@ def scalar(v: mx.array | float) -> float:
     return float(cast(float, v.item())) if isinstance(v, mx.array) else float(v)
 
 
-def snapshot(model: nn.Module, opt: optim.Optimizer) -> dict[str, mx.array]:
+def snapshot(model: nn.Module, opt: optim.Optimizer, batches: BatchSource | None = None) -> dict[str, mx.array]:
     arrays = {f"adapter.{k}": v for k, v in adapter_weights(model).items()}
     arrays.update({f"optimizer.{k}": v for k, v in dict(tree_flatten(opt.state)).items()})
+    if isinstance(batches, StatefulBatchSource):  # e.g. the on-policy rollout buffer in use
+        arrays.update({f"batches.{k}": mx.array(v) for k, v in batches.state().items()})
     return arrays
 
 
-def restore(model: nn.Module, opt: optim.Optimizer, arrays: dict[str, mx.array]) -> None:
+def restore(
+    model: nn.Module, opt: optim.Optimizer, arrays: dict[str, mx.array], batches: BatchSource | None = None
+) -> None:
     model.load_weights([(k[8:], v) for k, v in arrays.items() if k.startswith("adapter.")], strict=False)
     opt.state = tree_unflatten([(k[10:], v) for k, v in arrays.items() if k.startswith("optimizer.")])
+    if isinstance(batches, StatefulBatchSource):
+        batches.load_state({k[8:]: np.array(v) for k, v in arrays.items() if k.startswith("batches.")})
 
 
 def _check_finite(value: float, step: int, learning_rate: float, last_saved: int) -> None:
@@ -190,7 +200,7 @@ def train(
     start = 0
     if (resumed := store.latest()) is not None:
         start, arrays, state = resumed
-        restore(model, opt, arrays)
+        restore(model, opt, arrays, batches)
         history = state["history"]
         log.info("training_resumed", step=start, of=iterations)
     else:
@@ -201,8 +211,13 @@ def train(
 
     t0, tokens, last_saved = time.perf_counter(), 0, start
     for step in range(start, iterations):
-        if (stop := hooks.should_stop()) is not None and stop.kind == "shutdown":
-            store.save(step, snapshot(model, opt), {"step": step, "history": history})
+        stop = hooks.should_stop()
+        converged = stop is not None and stop.kind == "converged"
+        if stop is not None and (stop.kind == "shutdown" or (converged and last_saved != step)):
+            store.save(step, snapshot(model, opt, batches), {"step": step, "history": history})
+        if converged:  # a normal early end (patience ran out): saved above, no error
+            log.info("training_converged", step=step, of=iterations, detail=stop.detail if stop else "")
+            break
         raise_for_stop(stop, f"at step {step} of {iterations}", "checkpoint saved, the job resumes")
         mx.random.seed(step_seed(schedule.seed, step))
         b = batches.batch(step, model)
@@ -232,7 +247,7 @@ def train(
         if done % schedule.val_every == 0 or done == iterations:
             validate(done)
         if done % schedule.save_every == 0 or done == iterations:
-            store.save(done, snapshot(model, opt), {"step": done, "history": history})
+            store.save(done, snapshot(model, opt, batches), {"step": done, "history": history})
             last_saved = done
         eta = (time.perf_counter() - t0) / (done - start) * (iterations - done)
         hooks.on_progress(Progress("train", done, iterations, {k: row[k] for k in ("loss", "kd", "ce")}, rate, eta))

@@ -86,11 +86,16 @@ class Candidate:
     identity: dict[str, Any]  # teacher, student, vocabulary and adapter shape (outputs.identity_doc)
     init: dict[str, Any] = field(default_factory=lambda: {"requested": "base", "used": "base"})  # warm start
     samples: list[dict[str, str]] = field(default_factory=list)  # engine.samples: held-out answers before/after
+    # the published step (engine.selection): {"step", "by": "val_kl" | "last", "val_kl"}; None: the last
+    selected: dict[str, Any] | None = None
 
     @property
     def after(self) -> dict[str, float]:
-        """The last validation (step 0 is always evaluated, so there is one)."""
-        return self.result.history["val"][-1]
+        """The validation of the selected step (the last one by default; step 0 is always
+        evaluated, so there is one): what kd_metrics.json reports and the publish gate compares."""
+        val = self.result.history["val"]
+        step = None if self.selected is None else self.selected["step"]
+        return next((r for r in val if r["step"] == step), val[-1])
 
     @property
     def before(self) -> dict[str, float]:
