@@ -377,7 +377,8 @@ def test_follow_wakes_on_a_publish_without_waiting_for_the_poll(conn, hosts, sma
         wait_for(lambda: publisher.resolve(a, "memory"), 10, what="v1 installed on A")
         mirror.move_pointer(conn, "memory", to=1)  # a rollback publishes too (nothing to do here)
         publish_on_b(conn, b, 2)
-        mirror.move_pointer(conn, "memory", to=1)
+        wait_for(lambda: publisher.resolve(a, "memory").number == 2, 10, what="v2 installed on A")
+        mirror.move_pointer(conn, "memory", to=1)  # A holds v1: pointed to, not downloaded
         wait_for(lambda: any(r.action == "pointed" for p in passes for r in p), 10, what="the rollback on A")
     finally:
         stop.set()
