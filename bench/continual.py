@@ -128,13 +128,34 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def timed_job(ctx, settings, corpus, scorer, cfg, path: Path, run: str) -> tuple[dict, float, float]:
+    """One force-published job through the daemon's run_job, its wall and CPU seconds; the scorer
+    loads the published adapter."""
+    from kd_worker.daemon.lifecycle import run_job
+    from kd_worker.engine.hooks import Hooks
+    from kd_worker.engine.types import DistillRequest
+
+    req = DistillRequest(
+        DOMAIN,
+        (("corrections", path),),
+        ctx["teacher"],
+        ctx["student"],
+        run,
+        job_id=run,
+        force_publish=True,
+        submitter="bench",
+    )
+    t0, c0 = time.perf_counter(), time.process_time()
+    outcome = run_job(req, cfg, ctx["runtime"], settings, Hooks(), corpus=corpus)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    scorer.load(Path(outcome["adapter_path"]))
+    return outcome, seconds, cpu
+
+
 def run_sequence(ctx: dict[str, Any], row: str, seed: int, data: list[Path], scorer: Scorer) -> dict[str, Any]:
     """The row's N jobs, one after another; scores after each publish."""
     from jobs.config import resolve_config
     from kd_client.corpus import Corpus, CorpusLimits
-    from kd_worker.daemon.lifecycle import run_job
-    from kd_worker.engine.hooks import Hooks
-    from kd_worker.engine.types import DistillRequest
     from kd_worker.settings import WorkerSettings
 
     tag = f"{row.replace(' ', '_').replace('+', '_')}-s{seed}"
@@ -146,20 +167,7 @@ def run_sequence(ctx: dict[str, Any], row: str, seed: int, data: list[Path], sco
     cfg = resolve_config({**JOB, "iterations": ctx["iterations"], **ROWS[row], "seed": seed})
     jobs = []
     for k, path in enumerate(data):
-        req = DistillRequest(
-            DOMAIN,
-            (("corrections", path),),
-            ctx["teacher"],
-            ctx["student"],
-            f"{tag}-job{k + 1}",
-            job_id=f"{tag}-job{k + 1}",
-            force_publish=True,
-            submitter="bench",
-        )
-        t0, c0 = time.perf_counter(), time.process_time()
-        outcome = run_job(req, cfg, ctx["runtime"], settings, Hooks(), corpus=corpus)
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        scorer.load(Path(outcome["adapter_path"]))
+        outcome, seconds, cpu = timed_job(ctx, settings, corpus, scorer, cfg, path, f"{tag}-job{k + 1}")
         gate = outcome["gate"]
         jobs.append(
             {
@@ -186,27 +194,11 @@ def run_sequence(ctx: dict[str, Any], row: str, seed: int, data: list[Path], sco
 
 def run_rebuild(ctx, tag, settings, corpus, cfg, n_jobs: int, scorer: Scorer) -> dict[str, Any]:
     """What `kd-client data rebuild` submits: the corpus's training members, replay 0, from the base."""
-    from kd_worker.daemon.lifecycle import run_job
-    from kd_worker.engine.hooks import Hooks
-    from kd_worker.engine.types import DistillRequest
 
     members = corpus.training_members()
     path = write_jsonl(ctx["work"] / tag / "rebuild.jsonl", [m.as_training_record() for m in members])
     rcfg = cfg.model_copy(update={"replay": 0.0, "init": "base", "iterations": cfg.iterations * n_jobs})
-    req = DistillRequest(
-        DOMAIN,
-        (("corrections", path),),
-        ctx["teacher"],
-        ctx["student"],
-        f"{tag}-rebuild",
-        job_id=f"{tag}-rebuild",
-        force_publish=True,
-        submitter="bench",
-    )
-    t0, c0 = time.perf_counter(), time.process_time()
-    outcome = run_job(req, rcfg, ctx["runtime"], settings, Hooks(), corpus=corpus)
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    scorer.load(Path(outcome["adapter_path"]))
+    outcome, seconds, cpu = timed_job(ctx, settings, corpus, scorer, rcfg, path, f"{tag}-rebuild")
     print(f"  rebuild            {len(members)} examples, {rcfg.iterations} steps: {seconds:.1f} s", flush=True)
     return {
         "seconds": seconds,
