@@ -171,6 +171,7 @@ def test_dashboard_in_a_real_browser(env, worker, dashboard, browser, tmp_path):
     # without the token: refused, nothing moves
     Select(browser.find_element(By.ID, "rollback-to")).select_by_value("1")
     browser.find_element(By.ID, "rollback-submit").click()
+    wait_for(lambda: text_of(browser, "message-title"), 20, what="the refusal page")
     assert browser.find_element(By.ID, "message-title").text == "Action refused"
     assert "wrong or missing dashboard token" in browser.find_element(By.ID, "message-text").text
     assert publisher.resolve(root, "memory").number == 2
@@ -180,6 +181,7 @@ def test_dashboard_in_a_real_browser(env, worker, dashboard, browser, tmp_path):
     Select(browser.find_element(By.ID, "rollback-to")).select_by_value("1")
     browser.find_element(By.ID, "token").send_keys(TOKEN)
     browser.find_element(By.ID, "rollback-submit").click()
+    wait_for(lambda: text_of(browser, "rolled-back"), 20, what="the rolled-back page")
     assert "current is now v1" in browser.find_element(By.ID, "rolled-back").text
     assert publisher.resolve(root, "memory").number == 1
     browser.get(dashboard + "/")
